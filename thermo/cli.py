@@ -1,0 +1,115 @@
+"""The ``thermo`` command line.
+
+Each command imports what it needs when it runs, so ``thermo --help`` stays fast and a missing
+optional dependency only matters to the command that needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from thermo._io import RunDirError
+
+
+class _Group(click.Group):
+    """Turn thermo's own errors (bad run directory, torn file) into one clear line, exit 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (RunDirError, ValueError) as e:
+            click.echo(f"thermo: error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="thermo")
+def main():
+    """thermo: thermometers for large-model training.
+
+    Records per-layer activation, gradient and attention-logit extremes, the gradient norm and
+    the loss into a run directory (RUN/thermo.db), detects divergence, rolls back to a good
+    checkpoint and skips the batches that caused it.
+    """
+
+
+def _fmt(v: float) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "nan"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.4g}"
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--top", default=5, show_default=True, help="How many of the hottest layers to list.")
+@click.option(
+    "--stat",
+    default="act_max",
+    show_default=True,
+    help="Per-layer statistic that ranks the layers (act_max, grad_max, attn_max, attn_bound...).",
+)
+def inspect(run_dir: Path, top: int, stat: str):
+    """Summarise a run: steps, last loss and grad norm, hottest layers, events.
+
+    RUN_DIR is a thermo run directory (it holds thermo.db). Safe to run while training writes.
+    """
+    from thermo.store import Store
+
+    with Store(run_dir, readonly=True) as store:
+        scalars = store.scalars()
+        events = store.events()
+        attempts = store.attempts()
+        last = store.last_step()
+        layers = store.layer_stats(stats=[stat]) if last is not None else None
+    click.echo(f"run        {run_dir}")
+    if scalars.empty:
+        click.echo("steps      none recorded yet")
+        return
+    n = len(scalars)
+    first, final = int(scalars["step"].min()), int(scalars["step"].max())
+    click.echo(f"steps      {n} recorded, {first}..{final} (attempts: {len(attempts)})")
+    for key in ("loss", "grad_norm"):
+        if key in scalars:
+            col = scalars[key]
+            finite = col[np.isfinite(col)]
+            line = f"{key:<10} last {_fmt(col.iloc[-1])}"
+            if len(finite):
+                line += f"   min {_fmt(finite.min())}   max {_fmt(finite.max())}"
+            nonfinite = len(col) - len(finite)
+            if nonfinite:
+                line += f"   non-finite steps {nonfinite}"
+            click.echo(line)
+    if layers is not None and not layers.empty:
+        last_step = layers["step"].max()
+        window = layers[layers["step"] > last_step - 100]
+        hottest = (
+            window.assign(mag=window["value"].abs())
+            .groupby("layer")["mag"]
+            .max()
+            .sort_values(ascending=False)
+            .head(top)
+        )
+        now = window[window["step"] == last_step].set_index("layer")["value"]
+        click.echo(f"hottest layers by |{stat}| over the last 100 steps:")
+        width = max(len(name) for name in hottest.index)
+        click.echo(f"  {'layer':<{width}}  {'peak':>10}  {'last':>10}")
+        for name, peak in hottest.items():
+            click.echo(f"  {name:<{width}}  {_fmt(peak):>10}  {_fmt(now.get(name, math.nan)):>10}")
+    elif layers is not None:
+        click.echo(f"no per-layer '{stat}' recorded (try --stat act_max)")
+    if len(events):
+        click.echo(f"events     {len(events)}; latest:")
+        for _, e in events.tail(5).iterrows():
+            step = "" if e["step"] is None or e["step"] != e["step"] else f" step {int(e['step'])}"
+            click.echo(f"  [{e['kind']}]{step}: {e['message']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""The run directory's metrics store: one SQLite file in WAL mode, and its pandas readers.
+
+Schema (``RUN/thermo.db``):
+
+========== ==================================================================================
+table      columns
+========== ==================================================================================
+meta       key, value (JSON): schema version, thermo version, the run's configuration
+attempts   attempt, start_step, time, reason: attempt 0 is the first launch; every rollback
+           or restart opens a new attempt that resumes after ``start_step``
+scalars    attempt, step, key, value: loss, grad_norm, ... one row per step and key
+series     id, layer, stat: the per-layer statistics recorded (``act_max`` of ``h.3.mlp``...)
+layers     attempt, step, series, value: per-layer values in long form
+events     id, time, attempt, step, kind, message, data (JSON): verdicts, rollbacks, restarts
+ledger     attempt, step, ids (JSON list): the sample ids each step trained on (global batch)
+========== ==================================================================================
+
+The view ``layer_stats`` joins ``layers`` and ``series`` into (attempt, step, layer, stat, value).
+SQLite cannot store NaN (it turns it into NULL); thermo never writes a missing value, so a NULL
+value always means NaN and the readers give NaN back.
+
+One process writes metrics (rank 0 of the trainer); others (the supervisor, `thermo blacklist`)
+may add events; any number of readers (dashboard, report, `thermo inspect`) query while it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from thermo._io import RunDirError
+
+DB_NAME = "thermo.db"
+SCHEMA_VERSION = 1
+# PRAGMA application_id marks the file as ours ("THMO"), so a foreign SQLite file is refused.
+APPLICATION_ID = 0x54484D4F
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    attempt INTEGER PRIMARY KEY, start_step INTEGER NOT NULL, time REAL NOT NULL,
+    reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scalars (
+    attempt INTEGER NOT NULL, step INTEGER NOT NULL, key TEXT NOT NULL, value REAL,
+    PRIMARY KEY (attempt, step, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY, layer TEXT NOT NULL, stat TEXT NOT NULL, UNIQUE (layer, stat));
+CREATE TABLE IF NOT EXISTS layers (
+    attempt INTEGER NOT NULL, step INTEGER NOT NULL, series INTEGER NOT NULL, value REAL,
+    PRIMARY KEY (attempt, step, series)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, attempt INTEGER NOT NULL,
+    step INTEGER, kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (
+    attempt INTEGER NOT NULL, step INTEGER NOT NULL, ids TEXT NOT NULL,
+    PRIMARY KEY (attempt, step)) WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS layer_stats AS
+    SELECT l.attempt AS attempt, l.step AS step, s.layer AS layer, s.stat AS stat,
+           l.value AS value
+    FROM layers l JOIN series s ON s.id = l.series;
+"""
+
+
+class StoreError(RunDirError):
+    """The metrics store cannot be opened or is not a thermo store."""
+
+
+@dataclass
+class StepRecord:
+    """Everything recorded for one training step, as the host sees it after a flush.
+
+    The unit the thermometer writes, the detector reads (live and offline, from `Store.records`)
+    and the sinks log.
+    """
+
+    step: int
+    attempt: int = 0
+    scalars: dict[str, float] = field(default_factory=dict)
+    # (layer, stat) -> value, e.g. ("h.3.attn", "attn_max") -> 12.5
+    layers: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+def _db_value(v: float) -> float | None:
+    return None if math.isnan(v) else float(v)
+
+
+def _py_value(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+class Store:
+    """The SQLite metrics store of one run directory.
+
+    Args:
+        run_dir: the run directory; ``thermo.db`` lives in it.
+        readonly: open for reading only (the file must exist). Readers never block the writer.
+
+    Example:
+        >>> store = Store("runs/exp1")
+        >>> store.write([StepRecord(step=0, scalars={"loss": 2.3})])
+        >>> store.scalars()
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, readonly: bool = False):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / DB_NAME
+        self.readonly = readonly
+        self._series: dict[tuple[str, str], int] = {}
+        self._conn = self._connect()
+
+    # -- opening -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            if not self.path.is_file():
+                raise StoreError(
+                    f"no metrics store at {self.path}: is {self.run_dir} a thermo run directory? "
+                    "A run writes it once the first steps are flushed."
+                )
+            uri = f"file:{self.path}?mode=ro"
+            conn = self._open(lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1e3))
+        else:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(
+                    f"cannot create run directory {self.run_dir}: {e.strerror}. "
+                    "Choose a writable path."
+                ) from None
+            conn = self._open(lambda: sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1e3))
+        self._check_and_init(conn)
+        return conn
+
+    def _open(self, connect) -> sqlite3.Connection:
+        try:
+            conn = connect()
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Reading the header here turns "not a database" into our error, not a later one.
+            conn.execute("PRAGMA application_id").fetchone()
+            return conn
+        except sqlite3.DatabaseError as e:
+            raise StoreError(self._foreign_message(str(e))) from None
+
+    def _foreign_message(self, why: str) -> str:
+        return (
+            f"{self.path} is not a thermo metrics store ({why}). "
+            "Move that file away, or point thermo at another run directory."
+        )
+
+    def _check_and_init(self, conn: sqlite3.Connection) -> None:
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            if app_id == 0 and not tables:
+                if self.readonly:
+                    raise StoreError(self._foreign_message("the file is empty"))
+                with conn:
+                    # WAL: readers (dashboard, inspect) do not block the trainer and vice versa.
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                    conn.executescript(_SCHEMA)
+                    from thermo import __version__
+
+                    conn.execute(
+                        "INSERT OR IGNORE INTO meta VALUES ('thermo_version', ?), ('created', ?)",
+                        (json.dumps(__version__), json.dumps(time.time())),
+                    )
+                    conn.execute(
+                        "INSERT OR IGNORE INTO attempts VALUES (0, -1, ?, 'start')", (time.time(),)
+                    )
+            elif app_id != APPLICATION_ID:
+                raise StoreError(self._foreign_message("it is an SQLite file of another program"))
+            elif version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer thermo (store schema {version}, this "
+                    f"thermo reads up to {SCHEMA_VERSION}). Upgrade thermo to read it."
+                )
+            if not self.readonly:
+                conn.execute("PRAGMA synchronous = NORMAL")
+            self._series = {
+                (layer, stat): i for i, layer, stat in conn.execute("SELECT id, layer, stat FROM series")
+            }
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(self._foreign_message(str(e))) from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _series_id(self, key: tuple[str, str]) -> int:
+        sid = self._series.get(key)
+        if sid is None:
+            self._conn.execute("INSERT OR IGNORE INTO series (layer, stat) VALUES (?, ?)", key)
+            sid = self._conn.execute(
+                "SELECT id FROM series WHERE layer = ? AND stat = ?", key
+            ).fetchone()[0]
+            self._series[key] = sid
+        return sid
+
+    def write(self, records: Sequence[StepRecord]) -> None:
+        """Write the records of one flush in one transaction (all of them or none)."""
+        if not records:
+            return
+        with self._conn:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO scalars VALUES (?, ?, ?, ?)",
+                [
+                    (r.attempt, r.step, k, _db_value(v))
+                    for r in records
+                    for k, v in r.scalars.items()
+                ],
+            )
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?)",
+                [
+                    (r.attempt, r.step, self._series_id(k), _db_value(v))
+                    for r in records
+                    for k, v in r.layers.items()
+                ],
+            )
+
+    def write_ledger(self, attempt: int, steps: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Record which sample ids each step trained on: (step, ids) pairs, one transaction."""
+        if not steps:
+            return
+        with self._conn:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO ledger VALUES (?, ?, ?)",
+                [(attempt, step, json.dumps([int(i) for i in ids])) for step, ids in steps],
+            )
+
+    def ledger(self, first_step: int = 0, last_step: int = 2**62, effective: bool = True) -> dict[int, list[int]]:
+        """step -> sample ids trained on, for steps in [first_step, last_step]."""
+        where = f"AND {self._effective_clause('ledger')}" if effective else ""
+        rows = self._conn.execute(
+            f"SELECT step, ids FROM ledger WHERE step BETWEEN ? AND ? {where} ORDER BY attempt",
+            (first_step, last_step),
+        )
+        return {step: json.loads(ids) for step, ids in rows}
+
+    def event(
+        self,
+        kind: str,
+        message: str,
+        step: int | None = None,
+        attempt: int | None = None,
+        **data: Any,
+    ) -> None:
+        """Record an event (verdict, rollback, restart, blacklist edit...)."""
+        if attempt is None:
+            attempt = self.current_attempt()
+        with self._conn:
+            self._conn.execute(
+                "INSERT INTO events (time, attempt, step, kind, message, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), attempt, step, kind, message, json.dumps(data, default=str)),
+            )
+
+    def begin_attempt(self, start_step: int, reason: str) -> int:
+        """Open a new attempt that resumes training after `start_step`; returns its number."""
+        with self._conn:
+            (last,) = self._conn.execute("SELECT MAX(attempt) FROM attempts").fetchone()
+            attempt = 0 if last is None else last + 1
+            self._conn.execute(
+                "INSERT INTO attempts VALUES (?, ?, ?, ?)",
+                (attempt, start_step, time.time(), reason),
+            )
+        return attempt
+
+    def current_attempt(self) -> int:
+        (last,) = self._conn.execute("SELECT MAX(attempt) FROM attempts").fetchone()
+        return 0 if last is None else int(last)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, default=str))
+            )
+
+    # -- reading -------------------------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+
+    def attempts(self) -> pd.DataFrame:
+        """One row per attempt with ``start_step`` and ``end_step``: the last step it owns.
+
+        Attempt *a* owns its rows up to the start step of the first later attempt that restarted
+        at or before them; rows past that were rolled back and are not on the effective timeline.
+        """
+        df = pd.read_sql_query(
+            "SELECT attempt, start_step, time, reason FROM attempts ORDER BY attempt", self._conn
+        )
+        # end_step(a) = min(start_step of every later attempt); the last attempt owns everything.
+        later_min = df["start_step"][::-1].cummin()[::-1].shift(-1)
+        df["end_step"] = later_min.fillna(2**62).astype("int64")
+        return df
+
+    def _effective_clause(self, table: str) -> str:
+        return (
+            f"{table}.step <= (SELECT COALESCE(MIN(a.start_step), {2**62}) FROM attempts a "
+            f"WHERE a.attempt > {table}.attempt)"
+        )
+
+    def scalars(self, effective: bool = True) -> pd.DataFrame:
+        """Scalars as a wide frame: one row per (attempt, step), one column per key.
+
+        Args:
+            effective: only the rows on the effective timeline (what a run that never rolled back
+                would show); False gives every attempt's rows, rolled-back ones included.
+        """
+        where = f"WHERE {self._effective_clause('scalars')}" if effective else ""
+        long = pd.read_sql_query(
+            f"SELECT attempt, step, key, value FROM scalars {where}", self._conn
+        )
+        if long.empty:
+            return pd.DataFrame(columns=["attempt", "step"])
+        long["value"] = long["value"].astype("float64")  # NULL (NaN in SQLite) -> NaN
+        wide = long.pivot_table(
+            index=["attempt", "step"], columns="key", values="value", aggfunc="first", dropna=False
+        )
+        wide.columns.name = None
+        return wide.reset_index().sort_values(["step", "attempt"], ignore_index=True)
+
+    def layer_stats(self, effective: bool = True, stats: Iterable[str] | None = None) -> pd.DataFrame:
+        """Per-layer statistics in long form: attempt, step, layer, stat, value."""
+        clauses = [self._effective_clause("l")] if effective else []
+        params: list[str] = []
+        if stats is not None:
+            stats = list(stats)
+            clauses.append(f"s.stat IN ({','.join('?' * len(stats))})")
+            params.extend(stats)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        df = pd.read_sql_query(
+            "SELECT l.attempt AS attempt, l.step AS step, s.layer AS layer, s.stat AS stat, "
+            f"l.value AS value FROM layers l JOIN series s ON s.id = l.series {where} "
+            "ORDER BY l.step, l.attempt",
+            self._conn,
+            params=params,
+        )
+        df["value"] = df["value"].astype("float64")
+        return df
+
+    def events(self) -> pd.DataFrame:
+        df = pd.read_sql_query(
+            "SELECT id, time, attempt, step, kind, message, data FROM events ORDER BY id",
+            self._conn,
+        )
+        df["data"] = df["data"].map(json.loads)
+        return df
+
+    def records(self, effective: bool = True, after_step: int = -1) -> Iterator[StepRecord]:
+        """The stored steps as `StepRecord`s in step order: what the detector replays offline."""
+        where_s = f"scalars.step > ? AND {self._effective_clause('scalars')}" if effective else "scalars.step > ?"
+        where_l = f"l.step > ? AND {self._effective_clause('l')}" if effective else "l.step > ?"
+        by_key: dict[tuple[int, int], StepRecord] = {}
+        for attempt, step, key, value in self._conn.execute(
+            f"SELECT attempt, step, key, value FROM scalars WHERE {where_s}", (after_step,)
+        ):
+            rec = by_key.setdefault((step, attempt), StepRecord(step=step, attempt=attempt))
+            rec.scalars[key] = _py_value(value)
+        for attempt, step, layer, stat, value in self._conn.execute(
+            "SELECT l.attempt, l.step, s.layer, s.stat, l.value FROM layers l "
+            f"JOIN series s ON s.id = l.series WHERE {where_l}",
+            (after_step,),
+        ):
+            rec = by_key.setdefault((step, attempt), StepRecord(step=step, attempt=attempt))
+            rec.layers[(layer, stat)] = _py_value(value)
+        for key in sorted(by_key):
+            yield by_key[key]
+
+    def last_step(self) -> int | None:
+        (step,) = self._conn.execute("SELECT MAX(step) FROM scalars").fetchone()
+        return step
+
+
+@dataclass
+class Run:
+    """A stored run as pandas DataFrames (see `load`)."""
+
+    run_dir: Path
+    scalars: pd.DataFrame
+    layers: pd.DataFrame
+    events: pd.DataFrame
+    attempts: pd.DataFrame
+    meta: dict[str, Any]
+
+
+def load(run_dir: str | os.PathLike, effective: bool = True) -> Run:
+    """Read a run directory's metrics into pandas.
+
+    Args:
+        run_dir: the run directory (holds ``thermo.db``).
+        effective: keep only the effective timeline (rows later rolled back are dropped); False
+            keeps every attempt's rows.
+
+    Returns:
+        `Run` with ``scalars`` (wide: attempt, step, loss, grad_norm, ...), ``layers`` (long:
+        attempt, step, layer, stat, value), ``events``, ``attempts`` and ``meta``.
+
+    Example:
+        >>> run = thermo.load("runs/exp1")
+        >>> run.scalars.plot(x="step", y="loss")
+    """
+    with Store(run_dir, readonly=True) as store:
+        return Run(
+            run_dir=Path(run_dir),
+            scalars=store.scalars(effective),
+            layers=store.layer_stats(effective),
+            events=store.events(),
+            attempts=store.attempts(),
+            meta=store.meta(),
+        )
