@@ -212,7 +212,7 @@ class Thermometer:
         self._silence_checked = False
         self._extra_slots: dict[str, int] = {}
 
-        _reset_stale_compiles(model)
+        _reset_stale_compiles()
         device = _model_device(self.model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.buffer = buf = StatsBuffer(device, cfg.flush_every)
@@ -549,21 +549,17 @@ def _event_done(event) -> bool:
     return event is None or event.query()
 
 
-# Compiled-frame count at thermo's last reset of torch.compile's cache (process-wide, as it is).
-_frames_at_reset = 0
-
-
-def _reset_stale_compiles(model: nn.Module) -> None:
+def _reset_stale_compiles() -> None:
     """Hooks added to a module torch.compile already traced never fire (hook guards are skipped),
-    silently. If anything was compiled in this process, drop the compiled code so the next call
-    retraces with the hooks."""
-    global _frames_at_reset
-    from torch._dynamo.utils import counters
+    silently. If dynamo holds compiled code, drop it so the next call retraces with the hooks."""
+    try:
+        from torch._dynamo import convert_frame
 
-    frames = counters["frames"].get("ok", 0)
-    if frames > _frames_at_reset or getattr(model, "_compiled_call_impl", None) is not None:
+        compiled = any(ref() is not None for ref in convert_frame.input_codes.seen)
+    except (ImportError, AttributeError):  # internals moved: the first flush's silence check warns
+        compiled = False
+    if compiled:
         torch._dynamo.reset()
-        _frames_at_reset = frames
         warnings.warn(
             "torch.compile had already compiled code in this process before thermo attached; "
             "hooks added to compiled modules never fire, so thermo reset torch.compile's cache "
