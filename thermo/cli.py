@@ -89,14 +89,14 @@ def inspect(run_dir: Path, top: int, stat: str):
     if layers is not None and not layers.empty:
         last_step = layers["step"].max()
         window = layers[layers["step"] > last_step - 100]
-        hottest = (
-            window.assign(mag=window["value"].abs())
-            .groupby("layer")["mag"]
-            .max()
-            .sort_values(ascending=False)
-            .head(top)
-        )
-        now = window[window["step"] == last_step].set_index("layer")["value"]
+        # Rank by magnitude with NaN hottest of all: a non-finite layer is what to look at first.
+        mag = window["value"].abs().fillna(np.inf)
+        peak_rows = mag.groupby(window["layer"]).idxmax()
+        order = mag[peak_rows].sort_values(ascending=False, kind="stable").index[:top]
+        hottest = window.loc[order].set_index("layer")["value"]
+        # The latest value of each layer (NaN included), whatever step it was recorded at.
+        now = window.sort_values("step", kind="stable").drop_duplicates("layer", keep="last")
+        now = now.set_index("layer")["value"]
         click.echo(f"hottest layers by |{stat}| over the last 100 steps:")
         width = max(len(name) for name in hottest.index)
         click.echo(f"  {'layer':<{width}}  {'peak':>10}  {'last':>10}")

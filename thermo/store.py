@@ -338,9 +338,7 @@ class Store:
         if long.empty:
             return pd.DataFrame(columns=["attempt", "step"])
         long["value"] = long["value"].astype("float64")  # NULL (NaN in SQLite) -> NaN
-        wide = long.pivot_table(
-            index=["attempt", "step"], columns="key", values="value", aggfunc="first", dropna=False
-        )
+        wide = long.pivot(index=["attempt", "step"], columns="key", values="value")
         wide.columns.name = None
         return wide.reset_index().sort_values(["step", "attempt"], ignore_index=True)
 

@@ -1,0 +1,63 @@
+"""`thermo` command line: what a user reads, and the exit codes scripts rely on."""
+
+from __future__ import annotations
+
+import math
+
+from click.testing import CliRunner
+
+from thermo.cli import main
+from thermo.store import StepRecord, Store
+
+
+def make_run(path):
+    with Store(path) as s:
+        s.write([
+            StepRecord(step=i, scalars={"loss": 3.0 - 0.1 * i, "grad_norm": 1.0 + i},
+                       layers={("h.0", "act_max"): 1.0 + i, ("h.1", "act_max"): 50.0 - i,
+                               ("h.1.attn", "attn_max"): 7.0})
+            for i in range(5)
+        ] + [StepRecord(step=5, scalars={"loss": math.nan, "grad_norm": math.inf},
+                        layers={("h.0", "act_max"): math.nan})])
+        s.event("verdict", "loss non-finite at step 5", step=5)
+
+
+def test_inspect_summarises_a_run(tmp_path):
+    make_run(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "6 recorded, 0..5" in out
+    assert "loss       last nan   min 2.6   max 3" in out
+    assert "non-finite steps 1" in out
+    lines = out.splitlines()
+    hot = lines.index(next(l for l in lines if l.startswith("hottest layers")))
+    # NaN is the hottest (it is what the reader must see first), then h.1 with peak 50.
+    assert lines[hot + 2].split()[:2] == ["h.0", "nan"]
+    assert lines[hot + 3].split()[:3] == ["h.1", "50", "46"]  # peak, then its latest value
+    assert "[verdict] step 5: loss non-finite at step 5" in out
+
+
+def test_inspect_other_stat(tmp_path):
+    make_run(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--stat", "attn_max"])
+    assert res.exit_code == 0 and "h.1.attn" in res.output
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--stat", "nope"])
+    assert res.exit_code == 0 and "no per-layer 'nope' recorded" in res.output
+
+
+def test_inspect_bad_run_dir_is_one_clear_line(tmp_path):
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "missing")])
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("thermo: error: no metrics store at")
+    assert "Traceback" not in res.output
+    (tmp_path / "thermo.db").write_text("garbage" * 100)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert res.exit_code == 2 and "is not a thermo metrics store" in res.output
+
+
+def test_help_reads_well():
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0 and "inspect" in res.output
+    res = CliRunner().invoke(main, ["inspect", "--help"])
+    assert "Summarise a run" in res.output and "--stat" in res.output
