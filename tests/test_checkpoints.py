@@ -1,0 +1,361 @@
+"""Checkpoints: DCP save/restore, the manifest's health and retention, broken run dirs
+(thermo/checkpoints.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from thermo._io import RunDirError
+from thermo.checkpoints import (
+    MANIFEST_NAME,
+    CheckpointConfig,
+    Checkpoints,
+    rebuild_manifest,
+)
+from thermo.gpt import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CFG = GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=16, dropout=0.1)
+
+
+def make(seed: int = 0):
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1.0 + 0.5 * i))
+    return model, opt, sched
+
+
+def train(model, opt, sched, steps: int, start: int = 0) -> list[float]:
+    losses = []
+    for step in range(start, start + steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randint(0, 256, (4, CFG.block_size), generator=g)
+        loss = model(x, x.roll(-1, 1))[1]  # dropout draws from the global RNG
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(model, opt, sched) -> dict:
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optim": copy.deepcopy(get_state_dict(model, opt)[1]),  # deep: these are the live tensors
+        "sched": sched.state_dict(),
+        "lr": [g["lr"] for g in opt.param_groups],
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optim"]["state"], b["optim"]["state"]
+    assert sa.keys() == sb.keys()
+    for fqn in sa:
+        for k in sa[fqn]:
+            assert torch.equal(sa[fqn][k], sb[fqn][k]), (fqn, k)
+    assert a["optim"]["param_groups"] == b["optim"]["param_groups"]
+    assert {k: v for k, v in a["sched"].items() if k != "lr_lambdas"} == {
+        k: v for k, v in b["sched"].items() if k != "lr_lambdas"
+    }
+    assert a["lr"] == b["lr"]
+
+
+def draws() -> tuple:
+    return torch.rand(4).tolist(), random.random(), np.random.rand(2).tolist()
+
+
+def tiny(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    m = nn.Linear(3, 2)
+    return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+
+def save_steps(ckpts: Checkpoints, steps) -> None:
+    m, o = tiny()
+    for s in steps:
+        ckpts.save(s, m, o, data={"cursor": s})
+
+
+def folders(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+# -- save and restore, one process ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["rollback-same-objects", "restart-fresh-objects"])
+def test_save_modify_restore_is_bit_exact(tmp_path, fresh):
+    model, opt, sched = make()
+    train(model, opt, sched, 3)
+    ckpts = Checkpoints(tmp_path, good_after=2)
+    data = {"epoch": 0, "cursor": 12}
+    extra = {"thermometer": {"step": 3, "attempt": 0}, "detector": {"window": [1.5, float("nan")]}}
+    entry = ckpts.save(3, model, opt, sched, data=data, extra=extra)
+    assert entry.health == "pending" and entry.world_size == 1 and entry.data == data
+    before = snapshot(model, opt, sched)
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    expected_draws = draws()
+    for state, setter in zip(rng, (torch.set_rng_state, random.setstate, np.random.set_state)):
+        setter(state)
+    losses = train(model, opt, sched, 3, start=3)  # the uninterrupted continuation
+    ckpts.promote(5)
+
+    if fresh:
+        model, opt, sched = make(seed=1)
+    else:
+        train(model, opt, sched, 2, start=100)  # wander off
+    out = ckpts.restore(ckpts.newest_good(), model, opt, sched)
+    assert out["step"] == 3 and out["data"] == data
+    assert out["extra"]["thermometer"] == extra["thermometer"]
+    assert np.isnan(out["extra"]["detector"]["window"][1])
+    assert_same(snapshot(model, opt, sched), before)
+    rng_after = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    assert draws() == expected_draws
+    for state, setter in zip(rng_after, (torch.set_rng_state, random.setstate, np.random.set_state)):
+        setter(state)
+    assert train(model, opt, sched, 3, start=3) == losses  # training continues identically
+
+
+def test_model_only_checkpoint_and_missing_scheduler_is_clear(tmp_path):
+    model, opt, sched = make()
+    ckpts = Checkpoints(tmp_path, good_after=0, rng=False)
+    e = ckpts.save(1, model)
+    m2, o2, s2 = make(seed=1)
+    ckpts.restore(e, m2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), m2.parameters()))
+    with pytest.raises(ValueError, match="holds no scheduler state"):
+        ckpts.restore(e, m2, o2, s2)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        ckpts.restore(e, m2, o2)
+
+
+def test_non_json_data_is_a_clear_error_and_writes_nothing(tmp_path):
+    m, o = tiny()
+    ckpts = Checkpoints(tmp_path)
+    with pytest.raises(ValueError, match="data must be JSON-serialisable"):
+        ckpts.save(1, m, o, data={"t": torch.zeros(1)})
+    with pytest.raises(ValueError, match="extra must be JSON-serialisable"):
+        ckpts.save(1, m, o, extra={"f": object()})
+    assert ckpts.entries == [] and not (tmp_path / "checkpoints").exists()
+
+
+# -- manifest: health and retention ------------------------------------------------------------
+
+
+def test_health_transitions(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=10, good_after=15)
+    save_steps(ckpts, [10, 20, 30, 40])
+    assert [e.health for e in ckpts.entries] == ["pending"] * 4
+    assert ckpts.newest_good() is None
+    assert ckpts.promote(34) == [10]  # 20 + 15 > 34
+    assert ckpts.promote(45) == [20, 30]
+    assert ckpts.newest_good().step == 30
+    assert ckpts.newest_good(before_step=30).step == 20
+    assert ckpts.newest_good(before_step=10) is None
+    assert ckpts.mark_bad(25) == [30, 40]  # 30 was good: the onset says it was already sick
+    assert ckpts.promote(1000) == []  # bad stays bad
+    assert ckpts.newest_good().step == 20
+    again = Checkpoints(tmp_path)  # the manifest is the truth across restarts
+    assert [(e.step, e.health) for e in again.entries] == [
+        (10, "good"), (20, "good"), (30, "bad"), (40, "bad"),
+    ]
+    assert "onset step 25" in again.entries[2].note
+    obj = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert obj["format"] == "thermo.manifest" and obj["version"] == 1
+    assert obj["checkpoints"][0]["data"] == {"cursor": 10}
+
+
+def test_retention_keeps_last_k_plus_newest_good_and_drops_bad_and_strays(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=2, good_after=5)
+    save_steps(ckpts, [10, 20])
+    ckpts.promote(16)  # 10 good
+    save_steps(ckpts, [30, 40])
+    assert [e.step for e in ckpts.entries] == [10, 30, 40]  # 10: the newest good
+    assert folders(tmp_path) == ["step_00000010", "step_00000030", "step_00000040"]
+    ckpts.mark_bad(35)
+    (tmp_path / "checkpoints" / "step_00000045").mkdir()  # a save killed before its commit
+    (tmp_path / "checkpoints" / "notes").mkdir()  # not ours: never touched
+    save_steps(ckpts, [50])
+    assert [(e.step, e.health) for e in ckpts.entries] == [(10, "good"), (30, "pending"), (50, "pending")]
+    assert folders(tmp_path) == ["notes", "step_00000010", "step_00000030", "step_00000050"]
+
+
+def test_restore_supersedes_later_checkpoints(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
+    save_steps(ckpts, [10, 20, 30])
+    ckpts.promote(30)
+    m, o = tiny(seed=3)
+    ckpts.restore(ckpts.newest_good(before_step=15), m, o)
+    assert [e.health for e in ckpts.entries] == ["good", "bad", "bad"]
+    assert "rolled back to step 10" in ckpts.entries[1].note
+    save_steps(ckpts, [20])  # the new timeline's step 20 replaces the abandoned one
+    assert [(e.step, e.health) for e in ckpts.entries] == [(10, "good"), (20, "pending")]  # 30 deleted
+
+
+# -- broken run directories --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["rmtree", "metadata", "shard", "state"])
+def test_torn_or_deleted_folder_falls_back_to_older_good_with_warning(tmp_path, damage):
+    ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
+    save_steps(ckpts, [10, 20])
+    ckpts.promote(20)
+    newest = tmp_path / "checkpoints" / "step_00000020"
+    if damage == "rmtree":
+        shutil.rmtree(newest)
+    elif damage == "metadata":
+        (newest / ".metadata").unlink()
+    elif damage == "shard":
+        shard = next(newest.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:10])
+    else:
+        (newest / "thermo.json").unlink()
+    with pytest.warns(RuntimeWarning, match="step_00000020 is unusable"):
+        entry = ckpts.newest_good()
+    assert entry.step == 10
+    m, o = tiny(seed=5)
+    ckpts.restore(entry, m, o)
+    assert torch.equal(m.weight, tiny()[0].weight)
+
+
+def test_stray_folder_is_never_loaded(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
+    save_steps(ckpts, [10])
+    # A complete-looking save whose manifest commit never happened (SIGKILL after dcp.save).
+    shutil.copytree(tmp_path / "checkpoints" / "step_00000010", tmp_path / "checkpoints" / "step_00000020")
+    ckpts = Checkpoints(tmp_path, good_after=0)
+    ckpts.promote(100)
+    assert [e.step for e in ckpts.entries] == [10] and ckpts.newest_good().step == 10
+
+
+def test_missing_manifest_with_folders_is_a_clear_error_and_rebuild(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep_last=5)
+    save_steps(ckpts, [10, 20])
+    (tmp_path / MANIFEST_NAME).unlink()
+    with pytest.raises(RunDirError, match="is missing but .* holds 2 checkpoint folders") as err:
+        Checkpoints(tmp_path)
+    assert "rebuild_manifest" in str(err.value) and "\n" not in str(err.value)
+    assert folders(tmp_path) == ["step_00000010", "step_00000020"]  # nothing deleted
+    (tmp_path / "checkpoints" / "step_00000020" / ".metadata").unlink()  # torn: left out
+    entries = rebuild_manifest(tmp_path)
+    assert [(e.step, e.health, e.data) for e in entries] == [(10, "pending", {"cursor": 10})]
+    assert [e.step for e in Checkpoints(tmp_path).entries] == [10]
+    with pytest.raises(RunDirError, match="exists"):
+        rebuild_manifest(tmp_path)
+
+
+def test_fresh_run_dir_gets_an_empty_manifest(tmp_path):
+    assert Checkpoints(tmp_path / "new").entries == []
+    assert json.loads((tmp_path / "new" / MANIFEST_NAME).read_text())["checkpoints"] == []
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{broken", "not valid JSON"),
+        ('{"format": "something.else"}', "is not a thermo checkpoint manifest"),
+        ('{"format": "thermo.manifest", "version": 7, "checkpoints": []}', "Upgrade thermo"),
+        ('{"format": "thermo.manifest", "version": 1, "checkpoints": [{"step": 1}]}', "entry 0 is malformed"),
+        (
+            '{"format": "thermo.manifest", "version": 1, "checkpoints": [{"step": 1, "path": '
+            '"../../elsewhere/step_00000001", "health": "good", "time": 0, "world_size": 1}]}',
+            "entry 0 is malformed",
+        ),
+        (
+            '{"format": "thermo.manifest", "version": 1, "checkpoints": [{"step": 1, "path": '
+            '"checkpoints/step_00000001", "health": "great", "time": 0, "world_size": 1}]}',
+            "entry 0 is malformed",
+        ),
+    ],
+)
+def test_corrupt_manifest_is_one_clear_error_and_nothing_deleted(tmp_path, content, match):
+    ckpts = Checkpoints(tmp_path)
+    save_steps(ckpts, [10])
+    (tmp_path / MANIFEST_NAME).write_text(content)
+    with pytest.raises(RunDirError, match=match) as err:
+        Checkpoints(tmp_path)
+    assert str(tmp_path / MANIFEST_NAME) in str(err.value) and "\n" not in str(err.value)
+    assert (tmp_path / MANIFEST_NAME).read_text() == content
+    assert folders(tmp_path) == ["step_00000010"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"keep_last": 0}, "keep_last"), ({"good_after": -1}, "good_after"), ({"folder": "/abs"}, "folder"),
+     ({"folder": "../up"}, "folder")],
+)
+def test_impossible_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"CheckpointConfig.{field}"):
+        CheckpointConfig(**kwargs)
+
+
+# -- two ranks (torchrun, gloo) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """One torchrun launch (~15 s on 2 cores) serves every 2-rank test."""
+    out = tmp_path_factory.mktemp("ckpt_dist")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(REPO / "tests" / "dist" / "ckpt_roundtrip.py"), str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp2", "zero1"])
+def test_two_rank_save_restore_is_bit_exact_and_training_continues(two_rank_run, mode):
+    out, result = two_rank_run
+    r = result[mode]
+    manifest = json.loads((out / mode / MANIFEST_NAME).read_text())["checkpoints"]
+    assert [(e["step"], e["health"], e["world_size"]) for e in manifest] == [(3, "good", 2)]
+    shards = sorted(p.name for p in (out / mode / manifest[0]["path"]).glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own part
+    assert r["entry_step"] == 3 and r["world_size"] == 2 and r["entry_same_on_all_ranks"]
+    assert r["differs_before"], "the restore target must start out different"
+    assert r["restore_exact"] and r["rng_exact"] and r["data_exact"]
+    assert r["extra"] == {"mode": mode, "inf": float("inf")}
+    assert r["losses_b"] == r["losses_a"] and r["end_exact"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp2", "zero1"])
+def test_two_rank_checkpoint_restores_in_one_process(two_rank_run, mode):
+    """Per-name optimizer state: a ZeRO-1 or FSDP2 checkpoint loads into a plain AdamW."""
+    out, _ = two_rank_run
+    full = torch.load(out / mode / "full.pt", weights_only=False)
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=32, dropout=0.1))  # as the script
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1.0 + 0.5 * i))
+    ckpts = Checkpoints(out / mode, rng=False)
+    ckpts.restore(ckpts.entries[0], model, opt, sched)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full["model"][k]), k
+    state = get_state_dict(model, opt)[1]["state"]
+    assert state.keys() == full["optim"].keys()
+    for fqn, st in full["optim"].items():
+        for k, v in st.items():
+            assert torch.equal(state[fqn][k], v), (fqn, k)
