@@ -264,11 +264,15 @@ class Store:
         self,
         kind: str,
         message: str,
+        /,
         step: int | None = None,
         attempt: int | None = None,
         **data: Any,
     ) -> None:
-        """Record an event (verdict, rollback, restart, blacklist edit...)."""
+        """Record an event (verdict, rollback, restart, blacklist edit...).
+
+        `kind` and `message` are positional-only so that `data` may carry keys of those names
+        (a verdict's own ``kind``)."""
         if attempt is None:
             attempt = self.current_attempt()
         with self._conn:
