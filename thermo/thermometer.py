@@ -210,6 +210,7 @@ class Thermometer:
         self._rows: list[_RowMeta] = []
         self._pending: _Pending | None = None
         self._silence_checked = False
+        self.flushes = 0  # flushes so far: the same count on every rank
         self._extra_slots: dict[str, int] = {}
 
         _reset_stale_compiles()
@@ -416,6 +417,7 @@ class Thermometer:
         """
         done = self._process() if self._pending is not None else []
         if self._row:
+            self.flushes += 1
             self.buffer.reduce(self._row)
             event = self.buffer.copy_out()
             self._pending = _Pending(rows=self._rows, event=event)

@@ -1,0 +1,311 @@
+"""The reference loop: a GPT trained under torchrun with the thermo Guard wired in.
+
+Single process, ``--shard fsdp`` (FSDP2 ``fully_shard``, bf16 params and fp32 gradient
+reduction) or ``--shard zero1`` (DDP + ZeroRedundancyOptimizer). bf16 compute keeps softmax,
+LayerNorm, the residual stream and the loss in fp32; TF32 matmuls where the GPU has them. Real
+text from the Python standard library, byte-level, no download. Runs on CPU with gloo and
+unchanged on GPUs with NCCL::
+
+    python -m thermo.train_gpt --run-dir runs/a --steps 300
+    torchrun --nproc_per_node=2 -m thermo.train_gpt --run-dir runs/b --shard fsdp --dtype bf16
+
+To watch thermo work: ``--poison-steps 150-152`` plants bad batches (their sample ids get a
+1e4-scaled gradient, or a pathological token pattern with ``--poison-mode tokens``), and
+``--diverge-lr 0.03 --diverge-from 200`` forces a divergent learning rate. ``--resume auto``
+(the default) continues from the run directory after any restart, as `thermo supervise` needs.
+
+``examples/train_gpt.py`` runs this file; it lives in the package so that ``thermo demo`` works
+from any install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from thermo import _dist
+from thermo.checkpoints import CheckpointConfig
+from thermo.corpus import TokenDataset, stdlib_bytes
+from thermo.data import ResumableSampler
+from thermo.detector import DetectorConfig
+from thermo.gpt import GPT, GPTConfig
+from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig
+from thermo.thermometer import ThermometerConfig
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Summary:
+    """What happened, for the demo's closing lines and the tests."""
+
+    run_dir: str
+    steps: int = 0  # the last step reached
+    final_loss: float = math.nan
+    rollbacks: int = 0
+    verdicts: list[dict] = field(default_factory=list)
+    skipped_samples: int = 0
+    steps_lost: int = 0  # steps trained and then rolled back
+    seconds: float = 0.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="thermo.train_gpt", description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--run-dir", default=os.environ.get("THERMO_RUN_DIR", "runs/gpt"), help="run directory")
+    a("--steps", type=int, default=300, help="optimizer steps to train")
+    a("--batch-size", type=int, default=16, help="global batch size (all ranks)")
+    a("--block-size", type=int, default=128, help="sequence length")
+    a("--n-layer", type=int, default=4)
+    a("--n-head", type=int, default=4)
+    a("--n-embd", type=int, default=128)
+    a("--attn-impl", choices=["sdpa", "explicit"], default="sdpa")
+    a("--dropout", type=float, default=0.0)
+    a("--lr", type=float, default=3e-3, help="peak learning rate")
+    a("--min-lr", type=float, default=3e-4, help="cosine floor")
+    a("--warmup", type=int, default=30, help="linear LR warm-up steps")
+    a("--weight-decay", type=float, default=0.1)
+    a("--grad-clip", type=float, default=0.0, help="clip the global grad norm (0 = off)")
+    a("--seq-warmup", type=int, default=0,
+      help="curriculum: grow the sequence length from 32 to --block-size over this many steps")
+    a("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (autocast)")
+    a("--shard", choices=["none", "fsdp", "zero1"], default="none")
+    a("--compile", action="store_true", help="torch.compile the model (after thermo attaches)")
+    a("--seed", type=int, default=0)
+    a("--data-bytes", type=int, default=2_000_000, help="bytes of stdlib source to train on")
+    a("--checkpoint-every", type=int, default=50)
+    a("--good-after", type=int, default=40, help="healthy steps before a checkpoint is good")
+    a("--flush-every", type=int, default=10)
+    a("--attn-every", type=int, default=10)
+    a("--keep-last", type=int, default=3)
+    a("--poison-steps", default="", help="steps whose batches are poisoned, e.g. '150-152,300'")
+    a("--poison-ids", default="", help="sample ids to poison (comma separated)")
+    a("--poison-mode", choices=["grad", "tokens"], default="grad")
+    a("--diverge-lr", type=float, default=0.0, help="force this LR from --diverge-from on")
+    a("--diverge-from", type=int, default=0)
+    a("--resume", choices=["auto", "never"], default="auto")
+    a("--max-rollbacks", type=int, default=5)
+    a("--quiet", action="store_true", help="no progress line")
+    return p.parse_args(argv)
+
+
+def parse_steps(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, (s.strip() for s in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            out.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(f"--poison-steps: {part!r} is not a step or a range like 150-152") from None
+    return out
+
+
+def poison_ids(args, num_samples: int) -> set[int]:
+    """The sample ids to poison: given, or those a clean sampler serves at --poison-steps (the
+    sampler is deterministic, so every rank and every restart computes the same set)."""
+    ids = {int(i) for i in args.poison_ids.split(",") if i.strip()}
+    steps = parse_steps(args.poison_steps)
+    if steps:
+        sampler = ResumableSampler(num_samples, args.batch_size, seed=args.seed)
+        batches = sampler.peek(max(steps))  # step s reads the s-th batch (steps start at 1)
+        for s in steps:
+            ids.update(batches[s - 1])
+    return ids
+
+
+def setup_distributed() -> torch.device:
+    if "RANK" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def shard(model: GPT, args) -> torch.nn.Module:
+    if args.shard == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = None
+        if args.dtype == "bf16":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"mp_policy": mp} if mp else {}
+        for block in model.h:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    if args.shard == "zero1":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused=True: one kernel per step, and thermo skips bad steps inside it (found_inf).
+    kw = dict(lr=args.lr, betas=(0.9, 0.95), fused=True)
+    if args.shard == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        opt = ZeroRedundancyOptimizer(decay, optimizer_class=torch.optim.AdamW, weight_decay=args.weight_decay, **kw)
+        opt.add_param_group({"params": no_decay, "weight_decay": 0.0})
+        return opt
+    return torch.optim.AdamW(groups, **kw)
+
+
+def lr_lambda(args):
+    def f(step: int) -> float:  # multiplier of the peak LR; `step` counts scheduler steps
+        if args.diverge_lr and step + 1 >= args.diverge_from:
+            return args.diverge_lr / args.lr
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        floor = args.min_lr / args.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+class Progress:
+    """One status line on rank 0, refreshed at each flush (values exist on the host only then)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled and _dist.is_rank0()
+        self.tty = sys.stderr.isatty()
+        self.shown = None
+
+    def update(self, guard: Guard) -> None:
+        rec = guard.last_record
+        if not self.enabled or rec is None or rec is self.shown:
+            return
+        self.shown = rec
+        done = min(1.0, rec.step / self.total)
+        bar = "#" * int(20 * done) + "-" * (20 - int(20 * done))
+        hot = max(((k, v) for k, v in rec.layers.items() if k[1] in ("act_max", "attn_max", "attn_bound")),
+                  key=lambda kv: abs(kv[1]) if kv[1] == kv[1] else math.inf, default=None)
+        hot_s = f"hottest {hot[0][0]} {hot[0][1]} {hot[1]:.3g}" if hot else ""
+        line = (f"[{bar}] step {rec.step}/{self.total}  loss {rec.scalars.get('loss', math.nan):.4f}  "
+                f"gnorm {rec.scalars.get('grad_norm', math.nan):.3g}  {hot_s}  rollbacks {guard.rollbacks}")
+        print(("\r" + line.ljust(130)) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def train(args) -> Summary:
+    """Train as `args` says (see `parse_args`); returns what happened."""
+    t0 = time.time()
+    device = setup_distributed()
+    run_dir = Path(args.run_dir)
+    torch.manual_seed(args.seed)
+    data = TokenDataset(stdlib_bytes(args.data_bytes), args.block_size)
+    model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                          block_size=args.block_size, dropout=args.dropout, attn_impl=args.attn_impl)).to(device)
+    model = shard(model, args)
+    opt = make_optimizer(model, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
+    sampler = ResumableSampler(data, args.batch_size, seed=args.seed)
+    poisoned = poison_ids(args, len(data))
+    if args.resume == "never" and (run_dir / "manifest.json").exists():
+        raise SystemExit(f"train_gpt: {run_dir} already holds a run; pass --resume auto or another --run-dir")
+
+    def fetch(local_ids):
+        x, y = data.batch(local_ids)
+        return x.to(device), y.to(device)
+
+    guard = Guard(
+        model, opt, run_dir, data=sampler, fetch=fetch, scheduler=sched,
+        config=GuardConfig(checkpoint_every=args.checkpoint_every, max_rollbacks=args.max_rollbacks),
+        thermometer=ThermometerConfig(flush_every=args.flush_every, attn_every=args.attn_every),
+        detector=DetectorConfig(dtype={"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32")),
+        checkpoints=CheckpointConfig(keep_last=args.keep_last, good_after=args.good_after),
+    )
+    if args.compile:
+        model = torch.compile(model)
+    amp = DTYPES[args.dtype]
+    progress = Progress(args.steps, enabled=not args.quiet)
+    summary = Summary(run_dir=str(run_dir))
+    try:
+        for step, (x, y) in guard.batches(max_steps=args.steps):
+            if args.seq_warmup and step <= args.seq_warmup:
+                T = max(32, int(args.block_size * step / args.seq_warmup))
+                x, y = x[:, :T], y[:, :T]
+            bad = bool(poisoned) and not poisoned.isdisjoint(guard.batch_ids)
+            if bad and args.poison_mode == "tokens":
+                x = torch.full_like(x, 0x7F)  # a pathological input: one repeated byte
+            ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+            with ctx:
+                _, loss = model(x, y)
+            # A poisoned batch's gradient is scaled; the recorded loss stays the true one.
+            (loss * 1e4 if bad and args.poison_mode == "grad" else loss).backward()
+            gnorm = None
+            if args.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            guard.after_backward(loss, grad_norm=gnorm)
+            opt.step()
+            sched.step()
+            guard.after_step()
+            opt.zero_grad(set_to_none=True)
+            progress.update(guard)
+    finally:
+        progress.close()
+        guard.close()
+    summary.steps = guard.step - 1
+    summary.rollbacks = guard.rollbacks
+    summary.seconds = time.time() - t0
+    if _dist.is_rank0():
+        _fill_summary(summary, run_dir)
+    return summary
+
+
+def _fill_summary(summary: Summary, run_dir: Path) -> None:
+    import thermo
+
+    run = thermo.load(run_dir)
+    if "loss" in run.scalars and len(run.scalars):
+        summary.final_loss = float(run.scalars["loss"].tail(10).mean())
+    ev = run.events
+    for _, e in ev[ev["kind"] == "verdict"].iterrows():
+        summary.verdicts.append(e["data"])
+    for _, e in ev[ev["kind"] == "rollback"].iterrows():
+        summary.skipped_samples += int(e["data"].get("n_blacklisted", 0))
+        summary.steps_lost += int(e["data"]["from_step"]) - int(e["data"]["to_step"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        s = train(args)
+    except DivergenceError as e:
+        print(f"train_gpt: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    if rank0 and not args.quiet:
+        print(f"done: {s.steps} steps in {s.seconds:.0f}s, final loss {s.final_loss:.4f}, "
+              f"rollbacks {s.rollbacks}, samples skipped {s.skipped_samples}, steps lost {s.steps_lost}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
