@@ -111,5 +111,40 @@ def inspect(run_dir: Path, top: int, stat: str):
             click.echo(f"  [{e['kind']}]{step}: {e['message']}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--port", default=8050, show_default=True, help="TCP port to serve on.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (keep the default and use an SSH tunnel to view remotely).")
+@click.option("--layout", "layout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Panel layout file (JSON/YAML), e.g. dashboards/attention.json.")
+def dashboard(run_dir: Path, port: int, host: str, layout_file: Path | None):
+    """Serve a live dashboard of RUN_DIR that updates while it trains (read-only)."""
+    from thermo.dashboard import serve
+
+    if not run_dir.is_dir():
+        click.echo(f"thermo: note: {run_dir} does not exist yet; waiting for the run to create it",
+                   err=True)
+    click.echo(f"thermo dashboard: http://{host}:{port}/  (Ctrl-C to stop)", err=True)
+    try:
+        serve(run_dir, host=host, port=port, layout=layout_file)
+    except ImportError as e:  # Dash is an optional extra: say which one
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", default="report.html", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="HTML file to write.")
+@click.option("--layout", "layout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Panel layout file (JSON/YAML), e.g. dashboards/attention.json.")
+def report(run_dir: Path, output: Path, layout_file: Path | None):
+    """Write a self-contained HTML report of RUN_DIR that opens offline."""
+    from thermo.report import write_report
+
+    path = write_report(run_dir, output, layout=layout_file)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 if __name__ == "__main__":
     main()

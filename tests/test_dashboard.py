@@ -1,0 +1,249 @@
+"""thermo/dashboard.py: the incremental read-only reader, the Dash app, and a real browser on a
+store that a training process is filling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _viz  # noqa: E402
+
+from thermo import plots  # noqa: E402
+from thermo.dashboard import RunReader, create_app  # noqa: E402
+from thermo.store import StepRecord, Store, StoreError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def _rec(step, attempt=0, loss=1.0):
+    return StepRecord(step=step, attempt=attempt, scalars={"loss": loss, "grad_norm": 0.5},
+                      layers={("h.0", "act_max"): float(step), ("h.0.attn", "attn_max"): 2.0})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {proc.returncode}: "
+                                 f"{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _store_last(run_dir) -> StepRecord | None:
+    try:
+        store = Store(run_dir, readonly=True)
+    except StoreError:  # not created yet, or being created
+        return None
+    with store:
+        recs = list(store.records(effective=True))
+    return max(recs, key=lambda r: r.step) if recs else None
+
+
+# -- the reader -----------------------------------------------------------------------------
+
+
+def test_reader_is_incremental_and_follows_rollbacks(tmp_path):
+    reader = RunReader(tmp_path / "run")
+    assert reader.poll() is False  # no store yet: wait for it, no error
+    store = Store(tmp_path / "run")
+    store.write([_rec(s, loss=10.0 - s) for s in range(10)])
+    assert reader.poll() is True
+    run = reader.run()
+    assert run.scalars["step"].tolist() == list(range(10))
+    assert reader.poll() is False and reader.run() is run  # nothing new: nothing redone
+    store.write([_rec(s, loss=math.nan if s == 12 else 1.0) for s in range(10, 15)])
+    assert reader.poll() is True and reader._seen_scalars == {0: 14} and reader._seen_layers == {0: 14}
+    run = reader.run()
+    assert len(run.scalars) == 15 and math.isnan(run.scalars.set_index("step").loc[12, "loss"])
+    # a rollback: attempt 1 resumes after step 5; attempt 0's steps 6..14 leave the timeline
+    store.event("rollback", "to 5", step=14, from_step=14, to_step=5)
+    attempt = store.begin_attempt(5, "rollback")
+    store.write([_rec(s, attempt=attempt, loss=3.0) for s in range(6, 9)])
+    assert reader.poll() is True
+    run = reader.run()
+    eff = run.scalars[plots.effective_mask(run.scalars, run.attempts)]
+    assert eff["step"].tolist() == list(range(9)) and eff["attempt"].tolist() == [0] * 6 + [1] * 3
+    assert len(run.scalars) == 18 and len(run.events) == 1
+    assert plots.run_summary(run)["last_step"] == 8
+    store.close()
+    reader.close()
+
+
+def test_reader_never_waits_for_the_writer(tmp_path):
+    store = Store(tmp_path)
+    store.write([_rec(s) for s in range(5)])
+    reader = RunReader(tmp_path)
+    assert reader.poll()
+    # the trainer is in the middle of a write transaction: the reader neither waits nor sees it
+    writer = sqlite3.connect(tmp_path / "thermo.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO scalars VALUES (0, 99, 'loss', 1.0)")
+    t0 = time.monotonic()
+    assert reader.poll() is False
+    assert time.monotonic() - t0 < 0.5
+    # and while the reader reads, the writer commits at once (WAL: readers never block writers)
+    reader._conn.execute("BEGIN")
+    reader._conn.execute("SELECT COUNT(*) FROM scalars").fetchone()
+    writer.execute("COMMIT")
+    reader._conn.execute("COMMIT")
+    assert reader.poll() is True and reader.run().scalars["step"].max() == 99
+    writer.close()
+    store.close()
+    reader.close()
+
+
+# -- the app without a browser ---------------------------------------------------------------
+
+
+def test_app_serves_layout_and_callback_matches_store(tmp_path):
+    with Store(tmp_path) as store:
+        store.write([_rec(s, loss=5.0 - 0.1 * s) for s in range(20)])
+    app = create_app(tmp_path, REPO / "dashboards" / "attention.json")
+    client = app.server.test_client()
+    assert client.get("/").status_code == 200
+    layout = json.dumps(client.get("/_dash-layout").get_json())
+    for i, panel in enumerate(plots.load_layout(REPO / "dashboards" / "attention.json")["panels"]):
+        assert f"panel-{i}-{panel['type']}" in layout
+    dep = client.get("/_dash-dependencies").get_json()[0]
+    body = {"output": dep["output"], "outputs": [_parse_output(o) for o in dep["output"][2:-2].split("...")],
+            "inputs": [{"id": "thermo-tick", "property": "n_intervals", "value": 1}],
+            "state": [{"id": "thermo-version", "property": "data", "value": -1}],
+            "changedPropIds": ["thermo-tick.n_intervals"]}
+    resp = client.post("/_dash-update-component", json=body).get_json()["response"]
+    assert resp["thermo-last-step"]["children"] == "19"
+    assert float(resp["thermo-loss"]["children"]) == pytest.approx(5.0 - 0.1 * 19)
+    assert resp["graph-0"]["figure"]["data"], "attention panel is empty"
+    # same version again: nothing is rebuilt or resent
+    body["state"][0]["value"] = resp["thermo-version"]["data"]
+    again = client.post("/_dash-update-component", json=body)
+    assert again.status_code == 204 or "graph-0" not in (again.get_json() or {}).get("response", {})
+
+
+def _parse_output(spec: str) -> dict:
+    cid, prop = spec.rsplit(".", 1)
+    return {"id": cid, "property": prop}
+
+
+def test_cli_dashboard_refuses_a_bad_layout_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from thermo.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"panels": [{"type": "pie"}]}')
+    res = CliRunner().invoke(main, ["dashboard", str(tmp_path), "--layout", str(bad)])
+    assert res.exit_code == 2 and "panel 0 has type 'pie'" in res.output
+
+
+# -- a real browser on a live run -------------------------------------------------------------
+
+
+@pytest.fixture
+def training(tmp_path):
+    """A training process filling tmp_path/run; stopped at teardown."""
+    run_dir, stop = tmp_path / "run", tmp_path / "stop"
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "_viz.py"), "train", str(run_dir),
+         "--steps", "3000", "--sleep", "0.05", "--stop-file", str(stop)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        yield run_dir, proc
+    finally:
+        stop.touch()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_viz.chromium() is None,
+                    reason="chromium not installed (apt-get update && apt-get install -y chromium)")
+def test_live_dashboard_in_chromium(training, tmp_path, monkeypatch):
+    from werkzeug.serving import make_server
+
+    run_dir, proc = training
+    _wait(lambda: (s := _store_last(run_dir)) is not None and s.step >= 10, 90,
+          "the trainer's first flushes", proc)
+    # Every status the page is sent, in order: proves the page refreshed itself with new steps.
+    served: list[dict] = []
+    summary = plots.run_summary
+    monkeypatch.setattr(plots, "run_summary", lambda run: served.append(summary(run)) or served[-1])
+    layout = {**plots.load_layout(), "refresh_s": 1.0}
+    app = create_app(run_dir, layout)
+    port = _free_port()
+    server = make_server("127.0.0.1", port, app.server, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        shot = tmp_path / "dashboard.png"
+        t0 = time.monotonic()
+        dom = _viz.load(f"http://127.0.0.1:{port}/", screenshot=shot, size=(1100, 1500),
+                        budget_ms=6000)
+        print(f"page load {time.monotonic() - t0:.1f} s, {len(served)} refreshes:",
+              [s["last_step"] for s in served])
+    finally:
+        server.shutdown()
+    assert proc.poll() is None, "the trainer stopped while the page was open"
+    # every panel is drawn by plotly
+    for i, panel in enumerate(layout["panels"]):
+        html = _viz.section(dom, f"panel-{i}-{panel['type']}")
+        assert "js-plotly-plot" in html and "main-svg" in html, f"panel {i} ({panel['type']}) not drawn"
+    assert "heatmaplayer" in _viz.section(dom, "panel-1-heatmap")
+    # the numbers shown are the store's
+    shown_step = int(_viz.element_text(dom, "thermo-last-step"))
+    shown_loss = float(_viz.element_text(dom, "thermo-loss"))
+    with Store(run_dir, readonly=True) as store:
+        rec = {r.step: r for r in store.records(effective=True)}[shown_step]
+    assert shown_loss == pytest.approx(rec.scalars["loss"], rel=1e-5)
+    assert float(_viz.element_text(dom, "thermo-grad-norm")) == pytest.approx(
+        rec.scalars["grad_norm"], rel=1e-5)
+    # and the page moved on by itself: a later refresh brought a newer step than the first render
+    assert len(served) >= 2, f"the page refreshed {len(served)} times"
+    assert served[0]["last_step"] < served[-1]["last_step"] == shown_step
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "dashboard.png")
+
+
+def test_cli_dashboard_serves(tmp_path):
+    with Store(tmp_path) as store:
+        store.write([_rec(s) for s in range(3)])
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "thermo.cli", "dashboard", str(tmp_path),
+                             "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/_dash-layout", timeout=2).status == 200
+            except OSError:
+                return False
+        _wait(up, 60, "thermo dashboard to listen", proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

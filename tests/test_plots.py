@@ -1,0 +1,236 @@
+"""The panel builders in thermo/plots.py, on real runs and on fixed signal sequences."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _viz  # noqa: E402
+
+from thermo import plots  # noqa: E402
+from thermo.dashboard import read_run  # noqa: E402
+from thermo.store import Run, StepRecord, Store  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def incident(tmp_path_factory):
+    run_dir = _viz.shared_incident_run(tmp_path_factory)
+    return run_dir, read_run(run_dir)
+
+
+def _synthetic(values: dict[tuple[str, str], np.ndarray], scalars: dict[str, np.ndarray] | None = None,
+               layers_meta: list[dict] | None = None) -> Run:
+    rows = [
+        {"attempt": 0, "step": i, "layer": layer, "stat": stat, "value": float(v)}
+        for (layer, stat), arr in values.items() for i, v in enumerate(arr)
+    ]
+    sc = pd.DataFrame({"attempt": 0, "step": np.arange(len(next(iter((scalars or {"x": [0]}).values()))))})
+    for k, arr in (scalars or {}).items():
+        sc[k] = arr
+    attempts = pd.DataFrame({"attempt": [0], "start_step": [-1], "time": [0.0], "reason": ["start"],
+                             "end_step": [2**62]})
+    events = pd.DataFrame(columns=["id", "time", "attempt", "step", "kind", "message", "data"])
+    return Run(Path("."), sc, pd.DataFrame(rows), events, attempts, {"layers": layers_meta or []})
+
+
+# -- downsampling ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spike", [1e6, -1e6, math.nan, math.inf, -math.inf])
+def test_single_spike_survives_downsampling_of_1m_points(spike):
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=1_000_000)
+    where = 654_321
+    y[where] = spike
+    x = np.arange(len(y))
+    xs, ys = plots.downsample(x, y, max_points=4000)
+    assert len(xs) <= 4000
+    assert where in set(xs.tolist())
+    got = ys[xs == where][0]
+    assert (math.isnan(got) and math.isnan(spike)) or got == spike
+    # the envelope is kept too: the global extremes of the noise are still there
+    finite = y[np.isfinite(y) & (np.abs(y) < 1e5)]
+    assert finite.max() in ys and finite.min() in ys
+
+
+def test_short_series_is_untouched():
+    y = np.array([1.0, math.nan, 3.0])
+    xs, ys = plots.downsample(np.arange(3), y, max_points=10)
+    assert xs.tolist() == [0, 1, 2] and math.isnan(ys[1])
+
+
+# -- loss panel -----------------------------------------------------------------------------
+
+
+def test_loss_panel_shows_history(incident):
+    run_dir, run = incident
+    fig = plots.loss_figure(run)
+    by_name = {}
+    for t in fig.data:
+        by_name.setdefault(t.name, []).append(t)
+    loss = by_name["loss"][0]
+    # the effective timeline: attempt 0 up to the restored step, then attempt 1
+    assert list(loss.x) == sorted(loss.x)
+    assert max(loss.x) == 45 and 20 in loss.x and 21 in loss.x
+    with Store(run_dir, readonly=True) as store:
+        real = {(r.attempt, r.step): r.scalars["loss"] for r in store.records(effective=False)}
+    assert loss.y[list(loss.x).index(21)] == pytest.approx(real[(1, 21)])
+    assert loss.y[list(loss.x).index(10)] == pytest.approx(real[(0, 10)])
+    # the abandoned branch (attempt 0, steps 21..39) is drawn faintly
+    rolled = by_name["rolled back"][0]
+    assert list(rolled.x) == list(range(21, 40)) and rolled.opacity < 1
+    assert rolled.y[0] == pytest.approx(real[(0, 21)])
+    # the NaN grad norm of step 28 is a marker, not a silent gap
+    bad = [t for t in by_name["non-finite"] if "grad_norm" in t.text[0]]
+    assert list(bad[0].x) == [28] and bad[0].text[0] == "grad_norm: NaN"
+    # verdict/rollback: onset..detection shaded, an arrow from detection back to the restored step
+    rects = [s for s in fig.layout.shapes if s.type == "rect"]
+    assert any(s.x0 == 25 and s.x1 == 30 for s in rects)
+    arrows = [a for a in fig.layout.annotations if a.showarrow and a.ax is not None]
+    assert any(a.x == 20 and a.ax == 30 and "rollback" in a.text for a in arrows)
+    lines = {s.x0 for s in fig.layout.shapes if s.type == "line"}
+    assert {20, 28, 42} <= lines  # attempt 1 start, skipped step, restart
+    # log-scale option: buttons, and log_y starts log
+    assert [b.label for b in fig.layout.updatemenus[0].buttons] == ["linear", "log"]
+    assert plots.loss_figure(run, log_y=True).layout.yaxis.type == "log"
+
+
+def test_loss_panel_on_empty_run():
+    run = _synthetic({("a", "act_max"): np.array([])}, scalars={"loss": np.array([])})
+    fig = plots.loss_figure(run)
+    assert fig.layout.height > 0
+
+
+# -- heatmap --------------------------------------------------------------------------------
+
+
+def test_heatmap_rows_follow_model_order_and_values_match_store(incident):
+    run_dir, run = incident
+    fig = plots.heatmap_figure(run, "act_max")
+    hm = fig.data[0]
+    names = [e["name"] for e in run.meta["layers"] if "act_max" in e["stats"]]
+    assert list(hm.y) == names and names[0] == "wte" and names[-1] == "lm_head"
+    assert fig.layout.yaxis.autorange == "reversed"  # first layer on top
+    with Store(run_dir, readonly=True) as store:
+        df = store.layer_stats(stats=["act_max"])
+    x = list(hm.x)
+    for layer, step in [("h.1.mlp.c_fc", 7), ("ln_f", 33)]:
+        v = df[(df.layer == layer) & (df.step == step)]["value"].iloc[0]
+        i, j = names.index(layer), x.index(step)
+        assert hm.customdata[i][j] == pytest.approx(v)
+        assert hm.z[i][j] == pytest.approx(math.log10(abs(v)))
+    att = plots.heatmap_figure(run, "attn_max").data[0]
+    assert list(att.y) == ["h.0.attn", "h.1.attn"]
+
+
+def test_heatmap_binning_keeps_the_spike_and_marks_nonfinite():
+    n = 5000
+    a = np.ones(n)
+    a[3210] = 1e4
+    b = np.ones(n)
+    b[4000] = math.nan
+    meta = [{"name": "b", "kind": "module", "stats": ["act_max"]},
+            {"name": "a", "kind": "module", "stats": ["act_max"]}]
+    run = _synthetic({("a", "act_max"): a, ("b", "act_max"): b}, layers_meta=meta)
+    fig = plots.heatmap_figure(run, "act_max", max_cols=100)
+    hm = fig.data[0]
+    assert list(hm.y) == ["b", "a"] and len(hm.x) <= 100
+    assert np.nanmax(np.array(hm.customdata, dtype=float)[1]) == 1e4
+    marks = fig.data[1]
+    assert marks.name == "non-finite" and list(marks.y) == ["b"] and marks.text[0] == "NaN"
+
+
+# -- attention lines ------------------------------------------------------------------------
+
+
+def _hlines(fig):
+    return [s.y0 for s in fig.layout.shapes if s.type == "line" and s.y0 == s.y1]
+
+
+def test_attention_lines_and_the_fp16_limit(incident):
+    _, run = incident
+    fig = plots.attention_figure(run)
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["h.0.attn", "h.1.attn"]
+    assert _hlines(fig) == []  # small logits, dtype unknown: no limit drawn
+    assert _hlines(plots.attention_figure(run, dtype="float16")) == [plots.FP16_MAX]
+    assert _hlines(plots.attention_figure(run, dtype="bfloat16")) == []
+    with_bound = plots.attention_figure(run, bound=True)
+    assert "h.0.attn (bound)" in [t.name for t in with_bound.data]
+    # values approaching 65504 draw the limit whatever the dtype; inf is marked, not dropped
+    hot = _synthetic({("h.0.attn", "attn_max"): np.array([10.0, 3e4, math.inf])})
+    fig = plots.attention_figure(hot)
+    assert _hlines(fig) == [plots.FP16_MAX]
+    assert [t.text for t in fig.data if t.name == "non-finite"][0] == ("h.0.attn attn_max: +inf",)
+    # the run's meta can say fp16
+    hot.meta["compute_dtype"] = "torch.float16"
+    cold = _synthetic({("h.0.attn", "attn_max"): np.array([1.0, 2.0])})
+    cold.meta["compute_dtype"] = "torch.float16"
+    assert _hlines(plots.attention_figure(cold)) == [plots.FP16_MAX]
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+def test_events_table_lists_every_kind(incident):
+    _, run = incident
+    table = plots.events_figure(run).data[0]
+    cols = dict(zip(table.header.values, table.cells.values))
+    assert list(cols["kind"]) == ["verdict", "rollback", "blacklist", "skip_step", "restart"]
+    details = dict(zip(cols["kind"], cols["details"]))
+    assert details["verdict"].startswith("spike; loss; h.1.attn; onset 25 → detected 30")
+    assert "30 → 20" in details["rollback"] and "20 samples blacklisted" in details["rollback"]
+    assert "added 20" in details["blacklist"]
+    assert "exit_code -9" in details["restart"]
+
+
+# -- layouts --------------------------------------------------------------------------------
+
+
+def test_shipped_layouts_are_valid_and_default_matches():
+    default = json.loads((REPO / "dashboards" / "default.json").read_text())
+    assert default == plots.DEFAULT_LAYOUT
+    for path in sorted((REPO / "dashboards").glob("*.json")):
+        layout = plots.load_layout(path)
+        assert layout["panels"]
+
+
+def test_every_layout_panel_builds(incident):
+    _, run = incident
+    for path in sorted((REPO / "dashboards").glob("*.json")):
+        for panel in plots.load_layout(path)["panels"]:
+            assert plots.build_panel(run, panel).to_dict()["data"] is not None
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"panels": []}, "non-empty 'panels'"),
+    ({"panels": [{"type": "pie"}]}, "panel 0 has type 'pie'"),
+    ({"panels": [{"type": "heatmap", "stats": "x"}]}, "unknown keys ['stats']"),
+    ({"panels": [{"type": "events"}], "refresh_s": 0}, "refresh_s must be a number > 0"),
+    ({"panels": [{"type": "events"}], "colour": 1}, "unknown top-level keys"),
+])
+def test_bad_layouts_are_refused_clearly(tmp_path, layout, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(layout))
+    with pytest.raises(ValueError, match=None) as err:
+        plots.load_layout(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_nan_written_to_the_store_is_plotted_as_a_marker(tmp_path):
+    with Store(tmp_path) as store:
+        store.write([StepRecord(step=i, scalars={"loss": math.nan if i == 3 else 1.0 + i})
+                     for i in range(6)])
+    fig = plots.loss_figure(read_run(tmp_path), keys=("loss",))
+    marks = [t for t in fig.data if t.name == "non-finite"]
+    assert list(marks[0].x) == [3]
+    assert marks[0].yaxis != fig.data[0].yaxis  # pinned to the top, whatever the scale
