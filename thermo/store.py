@@ -71,6 +71,10 @@ CREATE VIEW IF NOT EXISTS layer_stats AS
 """
 
 
+_OUR_TABLES = {"meta", "attempts", "scalars", "series", "layers", "events", "ledger", "layer_stats",
+               "sqlite_sequence", "sqlite_autoindex_meta_1", "sqlite_autoindex_series_1"}
+
+
 class StoreError(RunDirError):
     """The metrics store cannot be opened or is not a thermo store."""
 
@@ -162,17 +166,18 @@ class Store:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-            if app_id == 0 and not tables:
+            # A file we are creating (possibly another process, this instant) has no id yet and
+            # holds nothing but our tables: the id is written last, once the tables exist.
+            if app_id == 0 and tables <= _OUR_TABLES:
                 if self.readonly:
-                    raise StoreError(self._foreign_message("the file is empty"))
-                with conn:
-                    # WAL: readers (dashboard, inspect) do not block the trainer and vice versa.
-                    conn.execute("PRAGMA journal_mode = WAL")
-                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                    conn.executescript(_SCHEMA)
-                    from thermo import __version__
+                    raise StoreError(
+                        f"the metrics store {self.path} is still being created; try again in a moment"
+                    )
+                conn.execute("PRAGMA journal_mode = WAL")  # readers never block the trainer
+                from thermo import __version__
 
+                with conn:
+                    conn.executescript(_SCHEMA)
                     conn.execute(
                         "INSERT OR IGNORE INTO meta VALUES ('thermo_version', ?), ('created', ?)",
                         (json.dumps(__version__), json.dumps(time.time())),
@@ -180,6 +185,8 @@ class Store:
                     conn.execute(
                         "INSERT OR IGNORE INTO attempts VALUES (0, -1, ?, 'start')", (time.time(),)
                     )
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             elif app_id != APPLICATION_ID:
                 raise StoreError(self._foreign_message("it is an SQLite file of another program"))
             elif version > SCHEMA_VERSION:
@@ -195,6 +202,9 @@ class Store:
         except sqlite3.DatabaseError as e:
             conn.close()
             raise StoreError(self._foreign_message(str(e))) from None
+        except StoreError:
+            conn.close()
+            raise
 
     def close(self) -> None:
         if self._conn is not None:
