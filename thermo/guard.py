@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -442,9 +443,14 @@ class Guard:
         found = None
         if self.rank0:
             for e in sorted(self.checkpoints.entries, key=lambda e: -e.step):
-                if e.health != "bad" and self.checkpoints.torn(e) is None:
+                if e.health == "bad":
+                    continue
+                why = self.checkpoints.torn(e)
+                if why is None:
                     found = e
                     break
+                warnings.warn(f"thermo: checkpoint {self.run_dir / e.path} is unusable ({why}); "
+                              "resuming from an older one", RuntimeWarning, stacklevel=3)
         return self._broadcast(found)
 
     def _past_rollbacks(self) -> int:

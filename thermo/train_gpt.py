@@ -237,6 +237,8 @@ def train(args) -> Summary:
         detector=DetectorConfig(dtype={"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32")),
         checkpoints=CheckpointConfig(keep_last=args.keep_last, good_after=args.good_after),
     )
+    if guard.store is not None:  # the dashboards draw the dtype's overflow limit from this
+        guard.store.set_meta("compute_dtype", {"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32"))
     if args.compile:
         model = torch.compile(model)
     amp = DTYPES[args.dtype]
