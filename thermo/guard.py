@@ -201,7 +201,9 @@ class Guard:
         data: a `ResumableSampler` (with `fetch`) or a `StatefulLoader`.
         fetch: local sample ids -> batch, for a ResumableSampler (e.g. ``dataset.batch``).
         scheduler: an LR scheduler, checkpointed and restored with the rest.
-        config, thermometer, detector, checkpoints: configuration of each part.
+        config, thermometer, detector: configuration of each part.
+        checkpoints: a `CheckpointConfig`, or a ready `Checkpoints` (e.g. one saving through a
+            framework's own checkpointing).
         resume: continue from the newest usable checkpoint in `run_dir` if there is one.
         sinks: extra record sinks (W&B) for the thermometer.
 
@@ -232,7 +234,7 @@ class Guard:
         config: GuardConfig | None = None,
         thermometer: ThermometerConfig | None = None,
         detector: DetectorConfig | None = None,
-        checkpoints: CheckpointConfig | None = None,
+        checkpoints: CheckpointConfig | Checkpoints | None = None,
         resume: bool = True,
         sinks=(),
     ):
@@ -246,7 +248,8 @@ class Guard:
         self.rank0 = _dist.is_rank0()
         self.detector = Detector(detector)
         self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
-        self.checkpoints = Checkpoints(self.run_dir, checkpoints)
+        self.checkpoints = (checkpoints if isinstance(checkpoints, Checkpoints)
+                            else Checkpoints(self.run_dir, checkpoints))
         tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
         self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
         self.store = self.therm.store  # rank 0 only
