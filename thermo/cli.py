@@ -47,6 +47,26 @@ def _fmt(v: float) -> str:
 
 
 @main.command()
+@click.option("--run-dir", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Where the run goes (a numbered sibling if it already holds a run).")
+@click.option("--steps", default=400, show_default=True, help="Optimizer steps to train.")
+@click.option("--quick", is_flag=True, help="A smaller model and fewer steps (about a minute).")
+def demo(run_dir: Path, steps: int, quick: bool):
+    """Train a small GPT on CPU, hit a planted divergence, recover, write a report.
+
+    Takes a few minutes on a laptop CPU. Ends by printing the verdict, the onset, the samples
+    skipped and the steps lost, and writes RUN_DIR/report.html.
+    """
+    from thermo.demo import fresh_dir, run_demo
+
+    if quick and steps == 400:
+        steps = 120
+    summary = run_demo(fresh_dir(run_dir), steps, quick, echo=click.echo)
+    if not summary.rollbacks:
+        sys.exit(1)  # the demo exists to show a recovery: say so if it did not happen
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--top", default=5, show_default=True, help="How many of the hottest layers to list.")
 @click.option(
