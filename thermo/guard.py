@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from thermo import _dist
 from thermo._io import atomic_write_json
@@ -129,8 +130,6 @@ class _DeviceSkip:
         slot.copy_(torch.where(bad, slot, torch.nan_to_num(x)))
         self.filled += 1
         if not self.fused:
-            from torch.distributed.tensor import DTensor
-
             for p in self.params:  # other optimizers: drop this step's gradient on the device
                 if p.grad is not None:
                     g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
@@ -304,6 +303,8 @@ class Guard:
         """
         if grad_norm is None:
             grad_norm, _ = grad_norm_and_nonfinite(self._params)
+        elif isinstance(grad_norm, DTensor):  # clip_grad_norm_ under FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         skipped = self.skip(loss, grad_norm)
         flushes = self.therm.flushes
         records = self.therm.step(loss, grad_norm=grad_norm, step=self.step, skipped=skipped)
