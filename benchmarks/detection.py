@@ -25,8 +25,10 @@ Tuning and reporting use different seeds: the detector's defaults were chosen on
 (``--seeds 100 101 102 103 104``) and on two hand runs of the d=128 model (600 healthy steps at
 LR 3e-3 and 1e-3), which set the growth floor; the README reports seeds 0-4.
 
-Adding the guard's figures (steps lost to each rollback, final-loss gap to a clean run) means
-adding fields to the per-run rows in `evaluate` and a `Column` to `COLUMNS`.
+With ``--guard`` each scenario is also trained by the reference loop (`thermo.train_gpt`) under the
+`Guard`, set up like the scenario: the table then adds rollbacks on healthy runs, steps lost to
+each rollback and the final-loss gap to a clean run that never saw the skipped samples (poison),
+and whether the high-LR runs finish (the Guard backs the LR off after repeated rollbacks).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +283,62 @@ def record_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: bool
     return truths
 
 
+# -- what the Guard makes of it: rollbacks, steps lost, final-loss gap ---------------------------
+
+
+def _guard_args(sc: scenarios.Scenario, run_dir: Path) -> list[str]:
+    """The reference loop (thermo.train_gpt) set up like scenario `sc`: same model, dtype, batch,
+    data and LR (warm-up, then constant), with the Guard in charge."""
+    m = sc.model
+    dtype = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[sc.dtype]
+    args = ["--run-dir", str(run_dir), "--steps", str(sc.steps), "--seed", str(sc.seed),
+            "--n-layer", str(m.n_layer), "--n-head", str(m.n_head), "--n-embd", str(m.n_embd),
+            "--block-size", str(m.block_size), "--attn-impl", m.attn_impl, "--batch-size", str(sc.batch_size),
+            "--lr", str(sc.lr), "--min-lr", str(sc.lr), "--warmup", str(max(1, sc.warmup)), "--dtype", dtype,
+            "--flush-every", str(sc.flush_every), "--attn-every", str(sc.attn_every),
+            "--checkpoint-every", "20", "--good-after", "20", "--data-bytes", "2000000", "--quiet"]
+    if sc.poison_steps:
+        args += ["--poison-steps", f"{min(sc.poison_steps)}-{max(sc.poison_steps)}"]
+    return args
+
+
+def recover_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: bool) -> list[dict]:
+    """Train each scenario under the Guard; for poison, also the clean run that never saw the
+    samples the Guard skipped. One row per run, for thermo's row of the table."""
+    from thermo.data import Blacklist
+    from thermo.guard import DivergenceError
+    from thermo.train_gpt import parse_args, train
+
+    rows = []
+    for kind in kinds:
+        for seed in seeds:
+            sc = BUILD[kind](seed, steps[kind])
+            base = runs_dir / f"guard-{kind}-s{seed}-n{sc.steps}"
+            done = base / "recovery.json"
+            if reuse and done.is_file():
+                rows.append(json.loads(done.read_text()))
+                continue
+            shutil.rmtree(base, ignore_errors=True)
+            row = {"scenario": f"guard_{kind}", "seed": seed, "detector": "thermo (dtype=float16)"}
+            t0 = time.time()
+            try:
+                s = train(parse_args(_guard_args(sc, base / "guarded")))
+                row.update(finished=True, rollbacks=s.rollbacks, steps_lost=s.steps_lost, final=s.final_loss)
+            except DivergenceError:
+                row.update(finished=False, rollbacks=None, steps_lost=None, final=None)
+            if kind == "poison" and row["finished"]:
+                skipped = Blacklist.load(base / "guarded").ids
+                (base / "clean").mkdir(parents=True)
+                Blacklist(base / "clean").add(skipped, reason="the samples the guarded run skipped")
+                clean = train(parse_args(_guard_args(replace(sc, poison_steps=()), base / "clean")))
+                row["gap"] = abs(row["final"] - clean.final_loss) / clean.final_loss
+            row["seconds"] = time.time() - t0
+            done.write_text(json.dumps(row))
+            rows.append(row)
+            print(f"  guard {kind:8s} seed {seed}: {row}", flush=True)
+    return rows
+
+
 def evaluate(truths: list[dict]) -> list[dict]:
     """One row per (run, detector): where it fired, against the run's truth."""
     rows = []
@@ -344,6 +402,11 @@ def _median(values) -> str:
     return f"{statistics.median(values):g} [{lo}..{hi}]" if lo != hi else f"{lo}"
 
 
+def _pct(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{100 * statistics.median(values):.2f}% [max {100 * max(values):.2f}%]" if values else "-"
+
+
 COLUMNS = [
     Column("healthy FA", lambda rs: _frac(_of(rs, "healthy"), lambda r: r["false_alarm"])),
     Column("poison detected", lambda rs: _frac(_of(rs, "poison"), lambda r: r["lead"] is not None)),
@@ -354,6 +417,12 @@ COLUMNS = [
     Column("high-LR lead", lambda rs: _median(r["lead"] for r in _of(rs, "high_lr"))),
     Column("high-LR onset lead", lambda rs: _median(r["onset_lead"] for r in _of(rs, "high_lr"))),
     Column("d128 healthy FA", lambda rs: _frac(_of(rs, "healthy_d128"), lambda r: r["false_alarm"])),
+    # The Guard acting on thermo's verdicts (--guard): reference loop, same scenarios.
+    Column("guard healthy rollbacks", lambda rs: _median(r["rollbacks"] for r in _of(rs, "guard_healthy"))),
+    Column("guard poison steps lost", lambda rs: _median(r["steps_lost"] for r in _of(rs, "guard_poison"))),
+    Column("guard poison loss gap", lambda rs: _pct(r.get("gap") for r in _of(rs, "guard_poison"))),
+    Column("guard high-LR finished", lambda rs: _frac(_of(rs, "guard_high_lr"), lambda r: r["finished"])),
+    Column("guard high-LR rollbacks", lambda rs: _median(r["rollbacks"] for r in _of(rs, "guard_high_lr"))),
 ]
 
 
@@ -393,6 +462,9 @@ def main(argv=None) -> None:
     p.add_argument("--runs-dir", type=Path, default=None, help="keep run directories here")
     p.add_argument("--reuse", action="store_true", help="reuse runs already in --runs-dir")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fp16 CPU runs are slow)")
+    p.add_argument("--guard", action="store_true",
+                   help="also train each scenario under the Guard (and poison's clean twin): rollbacks, "
+                        "steps lost, final-loss gap")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now().astimezone()
@@ -402,6 +474,9 @@ def main(argv=None) -> None:
         steps = {kind: args.d128_steps if kind == "healthy_d128" else args.steps for kind in BUILD}
         truths = record_runs(args.scenarios, args.seeds, steps, runs_dir, args.reuse)
         rows = evaluate(truths)
+        if args.guard:
+            kinds = [k for k in args.scenarios if k in ("healthy", "poison", "high_lr")]
+            rows += recover_runs(kinds, args.seeds, steps, runs_dir, args.reuse)
     finally:
         if args.runs_dir is None:
             shutil.rmtree(runs_dir, ignore_errors=True)
@@ -417,7 +492,7 @@ def main(argv=None) -> None:
         args.out.write_text(json.dumps({"date": started.isoformat(), "machine": machine(),
                                         "seeds": args.seeds, "steps": args.steps, "rows": rows}, indent=1))
         with open(args.out.with_suffix(".csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
             w.writeheader()
             w.writerows(rows)
 
