@@ -26,6 +26,11 @@ supervisor or ``thermo`` between launches.
 Optimizer state is stored per parameter name (DCP's ``flatten_optimizer_state_dict``), the same
 layout for a plain model, DDP, FSDP2 and DDP + ZeroRedundancyOptimizer, so a checkpoint can be
 restored under another parallelism or number of ranks (RNG states excepted: they are per rank).
+
+What goes inside a folder is a `CheckpointBackend`'s business: `DCPBackend` (the default) writes
+the DCP files above; a framework that owns its state writes its own (DeepSpeed's
+``engine.save_checkpoint``, see ``thermo.integrations.deepspeed``). The manifest, ``thermo.json``,
+health and retention are the same whatever the backend.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -104,6 +109,98 @@ class CheckpointEntry:
     note: str = ""
 
 
+class CheckpointBackend(Protocol):
+    """Writes and reads the framework state inside one checkpoint folder. `Checkpoints` keeps the
+    manifest, ``thermo.json`` (data positions, thermo's state), health and retention; the backend
+    only fills the folder. Every method is called on every rank, together.
+
+    `save` gets an empty folder (created on rank 0 before a barrier). `load` changes the live
+    objects in place; it must check what it can before changing anything. `torn` says why the
+    folder cannot be loaded (missing or short files) or returns None; it runs on rank 0 only.
+    """
+
+    def save(self, path: Path, model: Any, optimizer: Any, scheduler: Any, rng: bool) -> None: ...
+
+    def load(self, path: Path, model: Any, optimizer: Any, scheduler: Any, rng: bool) -> None: ...
+
+    def torn(self, path: Path) -> str | None: ...
+
+
+class DCPBackend:
+    """The default backend: model, optimizer, scheduler and each rank's RNG through
+    ``torch.distributed.checkpoint`` (plain, DDP, FSDP2, DDP + ZeroRedundancyOptimizer)."""
+
+    def save(self, path: Path, model, optimizer, scheduler, rng: bool) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with _quiet():
+            dcp.save(_dcp_state(model, optimizer, scheduler, rng=rng), checkpoint_id=path)
+
+    def load(self, path: Path, model, optimizer, scheduler, rng: bool) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        if scheduler is not None and "scheduler" not in saved:
+            raise ValueError(f"Checkpoints.restore: {path} holds no scheduler state; pass scheduler=None")
+        if optimizer is not None and not any(k.startswith("optim.") for k in saved):
+            raise ValueError(f"Checkpoints.restore: {path} holds no optimizer state; pass optimizer=None")
+        rng_key = f"rank{_dist.rank()}"
+        has_rng = rng and f"rng.{rng_key}" in saved
+        if rng and not has_rng:
+            warnings.warn(
+                f"thermo: {path} has no RNG state for rank {_dist.rank()} (written by another "
+                "number of ranks); this rank's RNG is left as it is",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        state = _dcp_state(model, optimizer, scheduler, rng=has_rng, groups="optim_groups" in saved)
+        with _quiet():
+            dcp.load(state, checkpoint_id=path)
+
+        zero = _zero(optimizer)
+        opt = zero.optim if zero is not None else optimizer
+        if opt is None:
+            set_model_state_dict(model, state["model"], options=_options())
+        else:
+            set_state_dict(
+                model,
+                opt,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+                options=_options(),
+            )
+        if zero is not None:
+            if "optim_groups" in state:
+                for group, hyper in zip(zero.param_groups, pickle.loads(state["optim_groups"])):
+                    group.update(hyper)
+            else:  # a checkpoint of a plain optimizer: the local groups hold the loaded values
+                _copy_hyper(zero.optim.param_groups, zero.param_groups)
+            _copy_hyper(zero.param_groups, zero.optim.param_groups)
+        if scheduler is not None:
+            scheduler.load_state_dict(pickle.loads(state["scheduler"]))
+        if has_rng:
+            _set_rng(pickle.loads(state["rng"][rng_key]))
+
+    def torn(self, path: Path) -> str | None:
+        if not (path / ".metadata").is_file():
+            return ".metadata is missing: the save did not finish or files were deleted"
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            storage = FileSystemReader(path).read_metadata().storage_data
+        except Exception as e:  # noqa: BLE001 - any unreadable .metadata means the same thing here
+            return f".metadata is unreadable ({type(e).__name__})"
+        need: dict[str, int] = {}
+        for info in storage.values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        for rel, size in need.items():
+            f = path / rel
+            if not f.is_file() or f.stat().st_size < size:
+                return f"{rel} is missing or shorter than recorded"
+        return None
+
+
 class Checkpoints:
     """Save, judge and restore the run's checkpoints.
 
@@ -113,6 +210,7 @@ class Checkpoints:
     Args:
         run_dir: the run directory.
         config: a `CheckpointConfig`; keyword arguments override its fields.
+        backend: what writes and reads a folder's framework state (default `DCPBackend`).
 
     Raises:
         RunDirError: ``manifest.json`` is corrupt or foreign, or missing while checkpoint folders
@@ -128,9 +226,17 @@ class Checkpoints:
         >>> sampler.load_state_dict(out["data"])
     """
 
-    def __init__(self, run_dir: str | os.PathLike, config: CheckpointConfig | None = None, **overrides: Any):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: CheckpointConfig | None = None,
+        *,
+        backend: CheckpointBackend | None = None,
+        **overrides: Any,
+    ):
         self.run_dir = Path(run_dir)
         self.config = replace(config or CheckpointConfig(), **overrides)
+        self.backend = backend if backend is not None else DCPBackend()
         self.dir = self.run_dir / self.config.folder
         self.manifest_path = self.run_dir / MANIFEST_NAME
         # Every rank reads (so every rank raises alike on a broken manifest); rank 0 writes.
@@ -242,7 +348,7 @@ class Checkpoints:
 
     def torn(self, entry: CheckpointEntry) -> str | None:
         """Why `entry`'s folder cannot be loaded (missing, unfinished, short files), or None."""
-        return _torn(self.run_dir / entry.path)
+        return _torn(self.run_dir / entry.path, self.backend)
 
     # -- save ------------------------------------------------------------------------------
 
@@ -259,7 +365,7 @@ class Checkpoints:
 
         Args:
             step: the step whose optimizer update the state includes.
-            model: plain, DDP or FSDP2 (``fully_shard``) module.
+            model: plain, DDP or FSDP2 (``fully_shard``) module (what the backend takes).
             optimizer: a torch optimizer, or a ``ZeroRedundancyOptimizer`` (each rank saves the
                 state of the parameters it owns, under their names).
             scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``).
@@ -275,8 +381,6 @@ class Checkpoints:
         Save after the first optimizer step: DCP's ``get_state_dict`` fills an optimizer that has
         no state yet with a zero-LR step, which for Adam advances the step count.
         """
-        import torch.distributed.checkpoint as dcp
-
         rank0 = _dist.is_rank0()
         err = _json_error(data, "data") or (_json_error(extra, "extra") if rank0 else None)
         gathered = _all_gather((data, err))
@@ -294,8 +398,7 @@ class Checkpoints:
             shutil.rmtree(path, ignore_errors=True)
             self.dir.mkdir(parents=True, exist_ok=True)
         _barrier()
-        with _quiet():
-            dcp.save(self._state(model, optimizer, scheduler), checkpoint_id=path)
+        self.backend.save(path, model, optimizer, scheduler, self.config.rng)
         entry = CheckpointEntry(
             step=step,
             path=f"{self.config.folder}/{name}",
@@ -355,101 +458,33 @@ class Checkpoints:
         Returns:
             ``{"step": ..., "data": this rank's data position, "extra": rank 0's extra}``.
         """
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
         path = self.run_dir / entry.path
         fix = "Pick another checkpoint (Checkpoints.newest_good skips unusable ones)."
         meta = read_json(path / STATE_NAME, "checkpoint state", fix)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise RunDirError(f"{path / STATE_NAME} is not a thermo checkpoint state. {fix}")
-        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
-        if scheduler is not None and "scheduler" not in saved:
-            raise ValueError(f"Checkpoints.restore: {path} holds no scheduler state; pass scheduler=None")
-        if optimizer is not None and not any(k.startswith("optim.") for k in saved):
-            raise ValueError(f"Checkpoints.restore: {path} holds no optimizer state; pass optimizer=None")
         data = _rank_data(meta.get("data") or [None], path)  # check before changing anything
-        rng_key = f"rank{_dist.rank()}"
-        rng = self.config.rng and f"rng.{rng_key}" in saved
-        if self.config.rng and not rng:
-            warnings.warn(
-                f"thermo: {path} has no RNG state for rank {_dist.rank()} (written by "
-                f"{meta.get('world_size')} ranks); this rank's RNG is left as it is",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        state = self._state(model, optimizer, scheduler, rng=rng, groups="optim_groups" in saved)
-        with _quiet():
-            dcp.load(state, checkpoint_id=path)
-
-        zero = _zero(optimizer)
-        opt = zero.optim if zero is not None else optimizer
-        if opt is None:
-            set_model_state_dict(model, state["model"], options=_options())
-        else:
-            set_state_dict(
-                model,
-                opt,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optim"],
-                options=_options(),
-            )
-        if zero is not None:
-            if "optim_groups" in state:
-                for group, hyper in zip(zero.param_groups, pickle.loads(state["optim_groups"])):
-                    group.update(hyper)
-            else:  # a checkpoint of a plain optimizer: the local groups hold the loaded values
-                _copy_hyper(zero.optim.param_groups, zero.param_groups)
-            _copy_hyper(zero.param_groups, zero.optim.param_groups)
-        if scheduler is not None:
-            scheduler.load_state_dict(pickle.loads(state["scheduler"]))
-        if rng:
-            _set_rng(pickle.loads(state["rng"][rng_key]))
+        self.backend.load(path, model, optimizer, scheduler, self.config.rng)
         self._bad_from(entry.step + 1, f"superseded: the run was rolled back to step {entry.step}")
         return {"step": entry.step, "data": data, "extra": meta.get("extra")}
 
-    # -- the state DCP reads and writes ----------------------------------------------------
 
-    def _state(self, model, optimizer, scheduler, rng: bool | None = None, groups: bool = True) -> dict:
-        """The DCP state dict; for a load, a template of the right shapes that DCP fills in."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-        zero = _zero(optimizer)
-        if zero is not None:
-            # The scheduler writes the LR into ZeRO's global groups; the local optimizer's only
-            # catch up at its next step.
-            _copy_hyper(zero.param_groups, zero.optim.param_groups)
-            optimizer = zero.optim
-        if optimizer is None:
-            state: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
-        else:
-            msd, osd = get_state_dict(model, optimizer, options=_options())
-            state = {"model": msd, "optim": osd}
-        if zero is not None and groups:
-            # Identical on every rank, and complete even for a rank that owns no parameter of a group.
-            state["optim_groups"] = pickle.dumps(
-                [{k: v for k, v in g.items() if k != "params"} for g in zero.param_groups]
-            )
-        if scheduler is not None:
-            # One pickled blob: a scheduler's state dict is small and its layout varies by class.
-            state["scheduler"] = pickle.dumps(scheduler.state_dict())
-        if rng if rng is not None else self.config.rng:
-            state["rng"] = {f"rank{_dist.rank()}": pickle.dumps(_rng_state())}
-        return state
-
-
-def rebuild_manifest(run_dir: str | os.PathLike, folder: str = "checkpoints") -> list[CheckpointEntry]:
+def rebuild_manifest(
+    run_dir: str | os.PathLike, folder: str = "checkpoints", backend: CheckpointBackend | None = None
+) -> list[CheckpointEntry]:
     """Recreate a lost ``manifest.json`` from the intact checkpoint folders, all as *pending*.
 
-    Refuses to overwrite an existing manifest. Torn folders are left out (and left on disk).
+    Refuses to overwrite an existing manifest. Torn folders (judged by `backend`, default
+    `DCPBackend`) are left out (and left on disk).
     """
+    backend = backend if backend is not None else DCPBackend()
     run_dir = Path(run_dir)
     manifest = run_dir / MANIFEST_NAME
     if manifest.exists():
         raise RunDirError(f"{manifest} exists; move it away first to rebuild it")
     entries = []
     for f in _step_folders(run_dir / CheckpointConfig(folder=folder).folder):
-        if _torn(f) is not None:
+        if _torn(f, backend) is not None:
             continue
         meta = read_json(f / STATE_NAME, "checkpoint state", "Leave it out: move that folder away.")
         entries.append(
@@ -465,6 +500,34 @@ def rebuild_manifest(run_dir: str | os.PathLike, folder: str = "checkpoints") ->
         )
     _write_manifest(manifest, entries)
     return entries
+
+
+def _dcp_state(model, optimizer, scheduler, rng: bool, groups: bool = True) -> dict:
+    """The DCP state dict; for a load, a template of the right shapes that DCP fills in."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    zero = _zero(optimizer)
+    if zero is not None:
+        # The scheduler writes the LR into ZeRO's global groups; the local optimizer's only
+        # catch up at its next step.
+        _copy_hyper(zero.param_groups, zero.optim.param_groups)
+        optimizer = zero.optim
+    if optimizer is None:
+        state: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
+    else:
+        msd, osd = get_state_dict(model, optimizer, options=_options())
+        state = {"model": msd, "optim": osd}
+    if zero is not None and groups:
+        # Identical on every rank, and complete even for a rank that owns no parameter of a group.
+        state["optim_groups"] = pickle.dumps(
+            [{k: v for k, v in g.items() if k != "params"} for g in zero.param_groups]
+        )
+    if scheduler is not None:
+        # One pickled blob: a scheduler's state dict is small and its layout varies by class.
+        state["scheduler"] = pickle.dumps(scheduler.state_dict())
+    if rng:
+        state["rng"] = {f"rank{_dist.rank()}": pickle.dumps(_rng_state())}
+    return state
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -576,27 +639,12 @@ def _write_manifest(path: Path, entries: list[CheckpointEntry]) -> None:
     )
 
 
-def _torn(path: Path) -> str | None:
+def _torn(path: Path, backend: CheckpointBackend) -> str | None:
     if not path.is_dir():
         return "its folder is missing"
-    for name in (".metadata", STATE_NAME):
-        if not (path / name).is_file():
-            return f"{name} is missing: the save did not finish or files were deleted"
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        storage = FileSystemReader(path).read_metadata().storage_data
-    except Exception as e:  # noqa: BLE001 - any unreadable .metadata means the same thing here
-        return f".metadata is unreadable ({type(e).__name__})"
-    need: dict[str, int] = {}
-    for info in storage.values():
-        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-    for rel, size in need.items():
-        f = path / rel
-        if not f.is_file() or f.stat().st_size < size:
-            return f"{rel} is missing or shorter than recorded"
-    return None
-
+    if not (path / STATE_NAME).is_file():
+        return f"{STATE_NAME} is missing: the save did not finish or files were deleted"
+    return backend.torn(path)
 
 def _step_folders(folder: Path) -> list[Path]:
     if not folder.is_dir():

@@ -1,0 +1,329 @@
+"""Adapters for training loops thermo does not own. Each is an optional extra and a thin shim over
+thermo's core (`Thermometer`, `Detector`, `Checkpoints`, `Blacklist`, the store's events).
+
+- ``hf.ThermoCallback`` (``pip install thermo[hf]``): on a verdict, stops the Trainer with a
+  resumable state; the next launch resumes from the newest good ``checkpoint-N`` and
+  `BlacklistDataset` leaves the blacklisted samples out.
+- ``lightning.ThermoCallback`` (``thermo[lightning]``): the same, through Lightning checkpoints
+  that thermo writes and judges, resumed with ``fit(ckpt_path=resume_path(run_dir))``.
+- ``deepspeed.DeepSpeedGuard`` (``thermo[deepspeed]``): rolls back in process through the
+  engine's own checkpoints and skips the batches, as the `Guard` does.
+
+Why two behaviours: a verdict's repair needs the data position to move back with the weights.
+In a loop thermo owns (the `Guard`, and the DeepSpeed adapter, which is the Guard with the
+engine's checkpointing) the sampler is thermo's and rolls back with the rest. Inside the Trainer
+of Hugging Face or Lightning the data iterator is the framework's, deep in its loop, and cannot be
+rewound from a callback; what both frameworks do reliably is resume from a checkpoint. So their
+callbacks stop the run the moment a verdict arrives, leave the newest good checkpoint as the one
+the next launch resumes from, and blacklist the samples of the onset..detection steps, which
+`BlacklistDataset` then leaves out. Running the same command again continues the run.
+
+The escalation is the Guard's: the same `GuardConfig` fields (rollback margin, skip window,
+``max_rollbacks`` then `DivergenceError`), the same events (``verdict``, ``rollback``,
+``restart``, ``give_up``) with the same data fields in the store. A stop's ``rollback`` event
+carries ``action="stop"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from thermo import _dist
+from thermo.checkpoints import CheckpointEntry, Checkpoints
+from thermo.data import BLACKLIST_NAME, BatchLedger, Blacklist
+from thermo.detector import Detector, DetectorConfig, Verdict
+from thermo.guard import DivergenceError, GuardConfig
+from thermo.thermometer import Thermometer, ThermometerConfig
+
+__all__ = ["BlacklistDataset", "batch_ids"]
+
+
+def _require(module: str, extra: str, adapter: str):
+    """Import an optional dependency or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"thermo.integrations.{adapter} needs {module}, which is not installed: "
+            f"pip install thermo[{extra}]  ({e})"
+        ) from e
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+class BlacklistDataset(torch.utils.data.Dataset):
+    """A map-style dataset without the run's blacklisted sample ids, each item tagged with its id.
+
+    The sample id is the index into `dataset`, whatever is left out. Index ``k`` of this dataset
+    is the ``k``-th id that is not blacklisted. The adapters read the ids back from the batches
+    to know what each step trained on (the ids a verdict blacklists):
+
+    - dict items (Hugging Face, most tokenised datasets) get ``item[id_key] = id``;
+    - tuple or list items get the id appended as their last element (``x, y, ids = batch``);
+    - other items become ``(item, id)``.
+
+    The blacklist is read once, here (or on `reload`): every rank of a launch reads the same file,
+    so all ranks see the same dataset.
+
+    Args:
+        dataset: anything with ``len`` and integer indexing (a torch ``Dataset``, a Hugging Face
+            ``datasets.Dataset``, a list).
+        run_dir: the thermo run directory whose ``blacklist.json`` is honoured; None or a missing
+            file: nothing is left out.
+        id_key: the key added to dict items.
+
+    Example:
+        >>> train = BlacklistDataset(tokenized["train"], "runs/exp1")
+        >>> trainer = Trainer(model, args, train_dataset=train, callbacks=[ThermoCallback("runs/exp1")])
+    """
+
+    def __init__(self, dataset: Any, run_dir: str | os.PathLike | None, id_key: str = "sample_id"):
+        self.dataset = dataset
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.id_key = id_key
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read ``blacklist.json`` (only between epochs or launches: the length changes)."""
+        n = len(self.dataset)
+        ids = np.arange(n, dtype=np.int64)
+        if self.run_dir is not None and (self.run_dir / BLACKLIST_NAME).exists():
+            bad = np.fromiter(Blacklist.load(self.run_dir).ids, dtype=np.int64)
+            ids = np.setdiff1d(ids, bad, assume_unique=True)
+        if len(ids) == 0:
+            raise ValueError(
+                f"BlacklistDataset: all {n} samples are blacklisted in {self.run_dir / BLACKLIST_NAME}; "
+                "nothing is left to train on"
+            )
+        self.ids = ids
+        self.skipped = n - len(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int):
+        i = int(self.ids[k])
+        item = self.dataset[i]
+        if isinstance(item, dict):
+            return {**item, self.id_key: i}
+        if isinstance(item, (tuple, list)):
+            return (*item, i)
+        return item, i
+
+
+def batch_ids(batch: Any, id_key: str = "sample_id") -> Any:
+    """The sample ids a `BlacklistDataset` put in a collated batch (a tensor or a list)."""
+    if isinstance(batch, dict):
+        if id_key not in batch:
+            raise KeyError(
+                f"thermo: the batch has no {id_key!r} key (keys: {sorted(batch)[:8]}): wrap the "
+                "training dataset in thermo.integrations.BlacklistDataset, or pass ids_fn="
+            )
+        return batch[id_key]
+    if isinstance(batch, (tuple, list)):
+        return batch[-1]
+    raise TypeError(f"thermo: cannot find sample ids in a batch of type {type(batch).__name__}; pass ids_fn=")
+
+
+# -- the escalation for loops thermo does not own ----------------------------------------------
+
+
+class _Watch:
+    """Thermometer, detector, ledger, checkpoints and blacklist for a framework's loop.
+
+    The framework calls `record` once per optimizer step; on a verdict the adapter calls `stop`,
+    which does what `Guard._rollback` does except restoring: it picks the checkpoint the next
+    launch resumes from, marks the later ones bad, blacklists the samples, records the events.
+    Every method is called on every rank alike; rank 0 decides and writes.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        run_dir: Path,
+        *,
+        config: GuardConfig | None,
+        thermometer: ThermometerConfig | None,
+        detector: DetectorConfig | None,
+        checkpoints: Checkpoints,
+        sinks: Sequence[Any] = (),
+    ):
+        self.run_dir = run_dir
+        self.config = config or GuardConfig()
+        self.rank0 = _dist.is_rank0()
+        self.checkpoints = checkpoints
+        self.detector = Detector(detector)
+        self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
+        tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
+        self.therm = Thermometer(model, run_dir, tcfg, sinks=sinks, start_step=1)
+        self.store = self.therm.store  # rank 0 only
+        self.blacklist = Blacklist.load(run_dir) if self.rank0 else None
+        self.rollbacks = _broadcast(self._past_rollbacks())
+        self.verdict: Verdict | None = None  # the verdict that stopped this launch
+        self.target: CheckpointEntry | None = None  # where the next launch resumes
+        self.step = 0  # the last step recorded
+        self._ids: list[tuple[int, Any]] = []  # (step, this rank's ids) not yet on the host
+
+    def _past_rollbacks(self) -> int:
+        if not self.rank0:
+            return 0
+        ev = self.store.events()
+        return int((ev["kind"] == "rollback").sum()) if len(ev) else 0
+
+    def begin(self, step: int) -> bool:
+        """Start recording after `step` (the step the framework resumed at, 0 on a fresh start).
+
+        Returns:
+            True if this launch continues an earlier one (it resumed, or restarted from scratch
+            after a stop); False on the run's first launch, which should save checkpoint 0.
+        """
+        resumed = step > 0 or bool(self.rank0 and self.store.last_step() is not None)
+        resumed = _broadcast(resumed)
+        self.step = step
+        if not resumed:
+            return False
+        attempt = self.store.begin_attempt(step, "restart") if self.rank0 else 0
+        self.therm.load_state_dict({"step": step + 1, "attempt": attempt})
+        if self.rank0:
+            self.store.event("restart", f"resumed from checkpoint {step}", step=step, reason="resume",
+                             checkpoint=step)
+        return True
+
+    def record(self, step: int, loss, grad_norm, ids=None) -> Verdict | None:
+        """Record optimizer step `step`; at a flush, judge it. Returns the verdict (every rank)."""
+        self.step = step
+        if ids is not None:
+            self._ids.append((step, ids))
+        flushes = self.therm.flushes
+        records = self.therm.step(loss, grad_norm=grad_norm, step=step)
+        if self.therm.flushes == flushes:  # true on every rank alike
+            return None
+        self._write_ledger()
+        pending = self.detector.update(records) if self.rank0 else None
+        verdict = _broadcast(pending)
+        if verdict is None:
+            self.checkpoints.promote(step)
+        return verdict
+
+    def _write_ledger(self) -> None:
+        rows = [(s, _id_list(i)) for s, i in self._ids]  # note: a host sync if ids are on a device; once per flush
+        self._ids.clear()
+        if _dist.initialized() and _dist.world_size() > 1:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * _dist.world_size()
+            dist.all_gather_object(parts, rows)
+            rows = [(s, [i for part in parts for i in dict(part).get(s, [])]) for s, _ in rows]
+        for s, ids in rows:
+            self.ledger.record(s, ids)
+        if self.rank0:
+            self.store.write_ledger(self.therm.attempt, self.ledger.pop_unwritten())
+        else:
+            self.ledger.pop_unwritten()
+
+    def stop(self, verdict: Verdict) -> CheckpointEntry:
+        """Act on `verdict` without restoring: the next launch resumes from the returned entry.
+
+        Raises:
+            DivergenceError: after `max_rollbacks` stops, or with no good checkpoint before the onset.
+        """
+        cfg = self.config
+        if self.rank0:
+            self.store.event("verdict", verdict.message, step=verdict.detection_step, **verdict.to_dict())
+        if self.rollbacks >= cfg.max_rollbacks:
+            self._give_up(verdict)
+        self.checkpoints.mark_bad(verdict.onset_step)
+        target = self.checkpoints.newest_good(before_step=verdict.onset_step - cfg.rollback_margin)
+        if target is None:
+            target = self.checkpoints.newest_good(before_step=verdict.onset_step)
+        if target is None:
+            self._give_up(verdict, "no good checkpoint from before the onset")
+        # The samples read from the onset (less a margin) to now; those at or before the target
+        # step are in its weights already. The batches after now are the framework's to choose.
+        first = max(verdict.onset_step - cfg.skip_before, target.step + 1)
+        last = min(verdict.detection_step + cfg.skip_after, self.step)
+        ids = self.ledger.ids_for(first, last)
+        if self.rank0:
+            self.blacklist.add(ids, reason=verdict.message, verdict=verdict.to_dict(), source="guard")
+        # The next launch continues from `target`: later checkpoints are an abandoned timeline.
+        self.checkpoints.mark_bad(target.step + 1, note=f"superseded: the run stopped to resume from step {target.step}")
+        self.rollbacks += 1
+        if self.rank0:
+            self.store.event(
+                "rollback",
+                f"stopped at step {self.step} to resume from checkpoint {target.step}; "
+                f"skipping {len(ids)} samples of steps {first}..{last}",
+                step=self.step, from_step=self.step, to_step=target.step, onset_step=verdict.onset_step,
+                detection_step=verdict.detection_step, blacklisted=ids, n_blacklisted=len(ids),
+                lr_scale=1.0, rollback=self.rollbacks, action="stop",
+            )
+        self.verdict, self.target = verdict, target
+        _barrier()  # rank 0's files are written before any rank lets its framework go on
+        return target
+
+    def _give_up(self, verdict: Verdict, why: str | None = None):
+        why = why or f"{self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks})"
+        msg = f"thermo gave up: {why}; last verdict: {verdict.message}"
+        if self.rank0:
+            self.store.event("give_up", msg, step=verdict.detection_step, reason=why)
+        raise DivergenceError(msg)
+
+    def close(self) -> None:
+        self.therm.close()
+
+
+def _newest_usable(checkpoints: Checkpoints) -> CheckpointEntry | None:
+    """The checkpoint a relaunch resumes from: the newest intact one not marked bad (as
+    `Guard` resumes). Rank 0 decides; every rank gets its answer."""
+    found = None
+    if _dist.is_rank0():
+        for e in sorted(checkpoints.entries, key=lambda e: -e.step):
+            if e.health != "bad" and checkpoints.torn(e) is None:
+                found = e
+                break
+    return _broadcast(found)
+
+
+def _id_list(ids) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.reshape(-1).tolist()]
+    return [int(i) for i in ids]
+
+
+def _broadcast(obj):
+    """Rank 0's `obj` on every rank (no-op without a process group)."""
+    if not _dist.initialized() or _dist.world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)  # note: a host sync, once per flush
+    return box[0]
+
+
+def _barrier() -> None:
+    if _dist.initialized() and _dist.world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    """The loss in a model's output, read the way Hugging Face's Trainer reads it."""
+    if isinstance(output, dict):
+        loss = output.get("loss")
+    elif isinstance(output, (tuple, list)) and output:
+        loss = output[0]
+    else:
+        loss = getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
