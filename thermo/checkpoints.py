@@ -163,13 +163,14 @@ class DCPBackend:
         if opt is None:
             set_model_state_dict(model, state["model"], options=_options())
         else:
-            set_state_dict(
-                model,
-                opt,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optim"],
-                options=_options(),
-            )
+            with _without_empty_groups(opt):
+                set_state_dict(
+                    model,
+                    opt,
+                    model_state_dict=state["model"],
+                    optim_state_dict=state["optim"],
+                    options=_options(),
+                )
         if zero is not None:
             if "optim_groups" in state:
                 for group, hyper in zip(zero.param_groups, pickle.loads(state["optim_groups"])):
@@ -515,7 +516,8 @@ def _dcp_state(model, optimizer, scheduler, rng: bool, groups: bool = True) -> d
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model, options=_options())}
     else:
-        msd, osd = get_state_dict(model, optimizer, options=_options())
+        with _without_empty_groups(optimizer):
+            msd, osd = get_state_dict(model, optimizer, options=_options())
         state = {"model": msd, "optim": osd}
     if zero is not None and groups:
         # Identical on every rank, and complete even for a rank that owns no parameter of a group.
@@ -539,6 +541,20 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to", category=UserWarning)
         yield
+
+
+@contextmanager
+def _without_empty_groups(optimizer):
+    """Hide param groups with no parameter from DCP's optimizer state dicts, which index each
+    group's first parameter. ZeRO-1 leaves a rank without any parameter of a small group. The
+    flattened state is keyed by parameter name, so the hidden groups lose nothing (their
+    hyperparameters travel in ``optim_groups``)."""
+    groups = optimizer.param_groups
+    optimizer.param_groups = [g for g in groups if g["params"]]
+    try:
+        yield
+    finally:
+        optimizer.param_groups = groups
 
 
 def _options():
