@@ -554,7 +554,9 @@ def _without_empty_groups(optimizer):
     try:
         yield
     finally:
-        optimizer.param_groups = groups
+        # A load replaces the group dicts: keep the new ones, put the empty ones back in place.
+        loaded = iter(optimizer.param_groups)
+        optimizer.param_groups = [next(loaded) if g["params"] else g for g in groups]
 
 
 def _options():
