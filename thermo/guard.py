@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from thermo import _dist
 from thermo._io import atomic_write_json
-from thermo.checkpoints import CheckpointConfig, Checkpoints
+from thermo.checkpoints import CheckpointConfig, CheckpointEntry, Checkpoints
 from thermo.data import BatchLedger, Blacklist, ResumableSampler, StatefulLoader
 from thermo.detector import Detector, DetectorConfig, Verdict
 from thermo.probes import grad_norm_and_nonfinite, unwrap
@@ -188,6 +188,193 @@ class _Data:
         self._iter = None
 
 
+class Watch:
+    """What every loop thermo serves shares: a thermometer, the detector, the batch ledger, the
+    checkpoints and the blacklist, and the decisions over them. `Guard` (loops thermo owns) and
+    the framework adapters (`thermo.integrations`) are built on it, so the escalation lives once.
+
+    Every method is called on every rank alike; rank 0 decides and writes, and its decision
+    reaches the other ranks in a broadcast at the flush.
+
+    Args:
+        model: the model the thermometer attaches to.
+        run_dir: the run directory (default: ``$THERMO_RUN_DIR``).
+        config, thermometer, detector: configuration of each part.
+        checkpoints: a `CheckpointConfig`, or a ready `Checkpoints` (e.g. with a framework's
+            checkpoint backend).
+        sinks: extra record sinks (W&B) for the thermometer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        run_dir: str | os.PathLike | None = None,
+        *,
+        config: GuardConfig | None = None,
+        thermometer: ThermometerConfig | None = None,
+        detector: DetectorConfig | None = None,
+        checkpoints: CheckpointConfig | Checkpoints | None = None,
+        sinks=(),
+    ):
+        run_dir = run_dir if run_dir is not None else os.environ.get("THERMO_RUN_DIR")
+        if run_dir is None:
+            raise ValueError("thermo needs a run directory: pass run_dir= or set THERMO_RUN_DIR")
+        self.run_dir = Path(run_dir)
+        self.config = config or GuardConfig()
+        self.rank0 = _dist.is_rank0()
+        self.detector = Detector(detector)
+        self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
+        self.checkpoints = (checkpoints if isinstance(checkpoints, Checkpoints)
+                            else Checkpoints(self.run_dir, checkpoints))
+        tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
+        self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
+        self.store = self.therm.store  # rank 0 only
+        self.blacklist = Blacklist.load(self.run_dir) if self.rank0 else None
+        self.rollbacks = broadcast(self._past_rollbacks())  # every rank gives up alike
+        self.last_record = None  # the newest flushed StepRecord (rank 0), for progress displays
+
+    def _past_rollbacks(self) -> int:
+        if not self.rank0:
+            return 0
+        ev = self.store.events()
+        return int((ev["kind"] == "rollback").sum()) if len(ev) else 0
+
+    def record(self, step: int, loss, grad_norm, **scalars) -> Verdict | None:
+        """Record `step`; at a flush, write the ledger and judge. Returns the verdict (every rank
+        gets rank 0's) or None."""
+        flushes = self.therm.flushes
+        records = self.therm.step(loss, grad_norm=grad_norm, step=step, **scalars)
+        if self.therm.flushes == flushes:  # the same on every rank
+            return None
+        rows = self.ledger.pop_unwritten()
+        pending = None
+        if self.rank0:
+            self.store.write_ledger(self.therm.attempt, rows)
+            if records:
+                self.last_record = records[-1]
+                pending = self.detector.update(records)
+        verdict = broadcast(pending)
+        if verdict is None:
+            self.checkpoints.promote(step)
+        return verdict
+
+    def plan(self, verdict: Verdict, now: int, ahead: list[list[int]] = ()) -> Plan:
+        """What a verdict costs: record it, give up past `max_rollbacks`, mark the checkpoints
+        written after the onset bad, pick the newest good one before ``onset - rollback_margin``
+        (or before the onset), and blacklist the samples of ``[onset - skip_before,
+        detection + skip_after]`` read so far (`now` is the last step read) plus the batches
+        `ahead` of it.
+
+        Raises:
+            DivergenceError: past `max_rollbacks`, or with no good checkpoint before the onset.
+        """
+        cfg = self.config
+        if self.rank0:
+            self.store.event("verdict", verdict.message, step=verdict.detection_step, **verdict.to_dict())
+        if self.rollbacks >= cfg.max_rollbacks:
+            self.give_up(verdict)
+        self.checkpoints.mark_bad(verdict.onset_step)
+        # A checkpoint of step s holds update s, made from the batch of step s: the newest one
+        # untouched by the onset's batch is onset - 1.
+        target = self.checkpoints.newest_good(before_step=verdict.onset_step - cfg.rollback_margin)
+        if target is None:
+            target = self.checkpoints.newest_good(before_step=verdict.onset_step)
+        if target is None:
+            self.give_up(verdict, "no good checkpoint from before the onset")
+        # Batches at or before the target step are in its weights already: never theirs.
+        first = max(verdict.onset_step - cfg.skip_before, target.step + 1)
+        last = verdict.detection_step + cfg.skip_after
+        ids = set(self.ledger.ids_for(first, min(last, now)))
+        for batch in ahead[: max(0, last - now)]:
+            ids.update(batch)
+        ids = sorted(ids)
+        if self.rank0:
+            self.blacklist.add(ids, reason=verdict.message, verdict=verdict.to_dict(), source="guard")
+        self.rollbacks += 1
+        return Plan(verdict, target, ids, first, last)
+
+    def log_rollback(self, plan: Plan, now: int, action: str, lr_scale: float = 1.0) -> None:
+        """The ``rollback`` event (`action`: ``"rollback"`` in process, ``"stop"`` to resume)."""
+        if not self.rank0:
+            return
+        v, t = plan.verdict, plan.target.step
+        what = (f"rolled back from step {now} to checkpoint {t}" if action == "rollback"
+                else f"stopped at step {now} to resume from checkpoint {t}")
+        self.store.event(
+            "rollback", f"{what}; skipping {len(plan.ids)} samples of steps {plan.first}..{plan.last}",
+            step=now, from_step=now, to_step=t, onset_step=v.onset_step, detection_step=v.detection_step,
+            blacklisted=plan.ids, n_blacklisted=len(plan.ids), lr_scale=lr_scale, rollback=self.rollbacks,
+            action=action,
+        )
+
+    def rewind(self, step: int, reason: str) -> None:
+        """Continue the record after checkpoint `step`: a new attempt on the store's timeline."""
+        attempt = self.store.begin_attempt(step, reason) if self.rank0 else 0
+        self.therm.load_state_dict({"step": step + 1, "attempt": attempt})
+        self.detector.rewind(step)
+        self.ledger.rewind(step)
+
+    def resumed(self, step: int) -> None:
+        """This launch resumed from checkpoint `step`."""
+        self.rewind(step, "restart")
+        if self.rank0:
+            self.store.event("restart", f"resumed from checkpoint {step}", step=step, reason="resume",
+                             checkpoint=step)
+
+    def newest_usable(self) -> CheckpointEntry | None:
+        return newest_usable(self.checkpoints)
+
+    def give_up(self, verdict: Verdict, why: str | None = None):
+        why = why or f"{self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks})"
+        msg = f"thermo gave up: {why}; last verdict: {verdict.message}"
+        if self.rank0:
+            self.store.event("give_up", msg, step=verdict.detection_step, reason=why)
+        raise DivergenceError(msg)
+
+    def close(self) -> None:
+        self.therm.close()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A verdict's repair, decided by `Watch.plan`: where to go back to and what to skip."""
+
+    verdict: Verdict
+    target: CheckpointEntry
+    ids: list[int]
+    first: int
+    last: int
+
+
+def newest_usable(checkpoints: Checkpoints) -> CheckpointEntry | None:
+    """After a restart: the newest intact checkpoint not marked bad (a crash says nothing
+    against the newest pending one; the supervisor marks bad what a verdict condemns). Rank 0
+    decides; every rank gets its answer."""
+    found = None
+    if _dist.is_rank0():
+        for e in sorted(checkpoints.entries, key=lambda e: -e.step):
+            if e.health == "bad":
+                continue
+            why = checkpoints.torn(e)
+            if why is None:
+                found = e
+                break
+            warnings.warn(f"thermo: checkpoint {checkpoints.run_dir / e.path} is unusable ({why}); "
+                          "resuming from an older one", RuntimeWarning, stacklevel=3)
+    return broadcast(found)
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (the object itself without a process group)."""
+    if not _dist.initialized() or _dist.world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)  # note: a host sync, once per flush
+    return box[0]
+
+
 class Guard:
     """Watches a training loop and repairs it: skip bad steps on the device, roll back to a good
     checkpoint and blacklist the batches behind a divergence, give up clearly.
@@ -237,37 +424,33 @@ class Guard:
         resume: bool = True,
         sinks=(),
     ):
-        run_dir = run_dir if run_dir is not None else os.environ.get("THERMO_RUN_DIR")
-        if run_dir is None:
-            raise ValueError("Guard needs a run directory: pass run_dir= or set THERMO_RUN_DIR")
-        self.run_dir = Path(run_dir)
-        self.config = config or GuardConfig()
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.data = _Data(data, fetch)
-        self.rank0 = _dist.is_rank0()
-        self.detector = Detector(detector)
-        self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
-        self.checkpoints = (checkpoints if isinstance(checkpoints, Checkpoints)
-                            else Checkpoints(self.run_dir, checkpoints))
-        tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
-        self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
-        self.store = self.therm.store  # rank 0 only
+        self.watch = w = Watch(model, run_dir, config=config, thermometer=thermometer, detector=detector,
+                               checkpoints=checkpoints, sinks=sinks)
+        self.run_dir, self.config, self.checkpoints, self.therm = w.run_dir, w.config, w.checkpoints, w.therm
+        self.store, self.rank0 = w.store, w.rank0
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self._params = [p for p in unwrap(model).parameters() if p.requires_grad]
         self.skip = _DeviceSkip(self.config, optimizer, self._params, self.therm.buffer.device)
-        self.blacklist = Blacklist.load(self.run_dir) if self.rank0 else None
         self.step = 1
-        self.rollbacks = self._broadcast(self._past_rollbacks())  # every rank gives up alike
         self.lr_scale = 1.0
         self._verdicts: list[Verdict] = []  # this process's verdicts, for LR back-off regions
         self._current_ids: list[int] = []
-        self.last_record = None  # the newest flushed StepRecord (rank 0), for progress displays
-        self._pending: Verdict | None = None
-        self._flushed = False  # the thermometer flushed during this step's after_backward
+        self._verdict: Verdict | None = None  # decided at this step's flush, acted on after the update
         self._closed = False
         self._sync_blacklist()
         if not (resume and self._resume()):
             self._save(0)  # the initial state: always a checkpoint to go back to
             self.checkpoints.promote(self.checkpoints.config.good_after)  # nothing trained: healthy
+
+    @property
+    def rollbacks(self) -> int:
+        return self.watch.rollbacks
+
+    @property
+    def last_record(self):
+        """The newest flushed StepRecord (rank 0), for progress displays."""
+        return self.watch.last_record
 
     # -- the three call points ---------------------------------------------------------------
 
@@ -280,7 +463,7 @@ class Guard:
             except StopIteration:  # a finite StatefulLoader ran out
                 return
             self._current_ids = ids
-            self.ledger.record(self.step, ids)
+            self.watch.ledger.record(self.step, ids)
             self._heartbeat()
             yield self.step, batch
 
@@ -306,76 +489,32 @@ class Guard:
         elif isinstance(grad_norm, DTensor):  # clip_grad_norm_ under FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         skipped = self.skip(loss, grad_norm)
-        flushes = self.therm.flushes
-        records = self.therm.step(loss, grad_norm=grad_norm, step=self.step, skipped=skipped)
-        self._flushed = self.therm.flushes != flushes  # true on every rank alike
-        if records:
-            self.last_record = records[-1]
-            self._pending = self.detector.update(records) if self.rank0 else None
-            if self.rank0:
-                self.store.write_ledger(self.therm.attempt, self.ledger.pop_unwritten())
+        self._verdict = self.watch.record(self.step, loss, grad_norm, skipped=skipped)
         return skipped
 
     def after_step(self) -> None:
         """After ``optimizer.step()`` (and the scheduler's): checkpoint, act on a verdict."""
-        step = self.step
-        if self._flushed:
-            self._flushed = False
-            verdict = self._broadcast(self._pending)
-            self._pending = None
-            if verdict is not None:
-                self._rollback(verdict)
-                return
-            self.checkpoints.promote(step)
-        if step % self.config.checkpoint_every == 0:
-            self._save(step)
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None:
+            self._rollback(verdict)
+            return
+        if self.step % self.config.checkpoint_every == 0:
+            self._save(self.step)
         self.step += 1
 
     # -- rollback ----------------------------------------------------------------------------
 
     def _rollback(self, verdict: Verdict) -> None:
-        cfg = self.config
-        if self.rank0:
-            self.store.event("verdict", verdict.message, step=verdict.detection_step, **verdict.to_dict())
-        if self.rollbacks >= cfg.max_rollbacks:
-            self._give_up(verdict)
-        self.checkpoints.mark_bad(verdict.onset_step)
-        # A checkpoint of step s holds update s, made from the batch of step s: the newest one
-        # untouched by the onset's batch is onset - 1.
-        target = self.checkpoints.newest_good(before_step=verdict.onset_step - cfg.rollback_margin)
-        if target is None:
-            target = self.checkpoints.newest_good(before_step=verdict.onset_step)
-        if target is None:
-            self._give_up(verdict, "no good checkpoint from before the onset")
-        # Blacklist what was read between the onset and the detection, plus a margin either side.
-        # Batches at or before the restored step are already in its weights: never theirs.
-        first = max(verdict.onset_step - cfg.skip_before, target.step + 1)
-        last = verdict.detection_step + cfg.skip_after
-        ids = set(self.ledger.ids_for(first, min(last, self.step)))
-        for batch in self.data.peek(last - self.step):
-            ids.update(batch)
-        if self.rank0:
-            self.blacklist.add(sorted(ids), reason=verdict.message, verdict=verdict.to_dict(), source="guard")
+        now = self.step
+        plan = self.watch.plan(verdict, now, ahead=self.data.peek(verdict.detection_step
+                                                                  + self.config.skip_after - now))
         self._sync_blacklist()
-
-        out = self._restore(target)
-        self.rollbacks += 1
+        out = self._restore(plan.target)
         self._verdicts.append(verdict)
         self._apply_lr_scale(out["extra"])
-        self.detector.rewind(target.step)
-        self.ledger.rewind(target.step)
-        attempt = self.store.begin_attempt(target.step, f"rollback: {verdict.message}") if self.rank0 else 0
-        self.therm.load_state_dict({"step": target.step + 1, "attempt": attempt})
-        if self.rank0:
-            self.store.event(
-                "rollback",
-                f"rolled back from step {self.step} to checkpoint {target.step}; "
-                f"skipping {len(ids)} samples of steps {first}..{last}",
-                step=self.step, from_step=self.step, to_step=target.step, onset_step=verdict.onset_step,
-                detection_step=verdict.detection_step, blacklisted=sorted(ids), n_blacklisted=len(ids),
-                lr_scale=self.lr_scale, rollback=self.rollbacks,
-            )
-        self.step = target.step + 1
+        self.watch.rewind(plan.target.step, f"rollback: {verdict.message}")
+        self.watch.log_rollback(plan, now, "rollback", self.lr_scale)
+        self.step = plan.target.step + 1
 
     def _apply_lr_scale(self, extra: dict) -> None:
         """Back the LR off after repeated rollbacks in one region; re-apply the scale in force to
@@ -395,13 +534,6 @@ class Guard:
                     group["initial_lr"] *= factor
             if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
                 self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
-
-    def _give_up(self, verdict: Verdict, why: str | None = None):
-        why = why or f"{self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks})"
-        msg = f"thermo gave up: {why}; last verdict: {verdict.message}"
-        if self.rank0:
-            self.store.event("give_up", msg, step=verdict.detection_step, reason=why)
-        raise DivergenceError(msg)
 
     # -- checkpoints, resume, bookkeeping --------------------------------------------------------
 
@@ -428,58 +560,23 @@ class Guard:
         return out
 
     def _resume(self) -> bool:
-        entry = self._newest_usable()
+        entry = self.watch.newest_usable()
         if entry is None:
             return False
         out = self._restore(entry)
         self.lr_scale = float(out["extra"].get("guard", {}).get("lr_scale", 1.0))
-        attempt = self.store.begin_attempt(entry.step, "restart") if self.rank0 else 0
-        self.therm.load_state_dict({"step": entry.step + 1, "attempt": attempt})
+        self.watch.resumed(entry.step)
         self.step = entry.step + 1
-        if self.rank0:
-            self.store.event("restart", f"resumed from checkpoint {entry.step}", step=entry.step,
-                             reason="resume", checkpoint=entry.step)
         return True
-
-    def _newest_usable(self):
-        """After a restart: the newest intact checkpoint not marked bad (a crash says nothing
-        against the newest pending one; the supervisor marks bad what a verdict condemns)."""
-        found = None
-        if self.rank0:
-            for e in sorted(self.checkpoints.entries, key=lambda e: -e.step):
-                if e.health == "bad":
-                    continue
-                why = self.checkpoints.torn(e)
-                if why is None:
-                    found = e
-                    break
-                warnings.warn(f"thermo: checkpoint {self.run_dir / e.path} is unusable ({why}); "
-                              "resuming from an older one", RuntimeWarning, stacklevel=3)
-        return self._broadcast(found)
-
-    def _past_rollbacks(self) -> int:
-        if not self.rank0:
-            return 0
-        ev = self.store.events()
-        return int((ev["kind"] == "rollback").sum()) if len(ev) else 0
 
     def _sync_blacklist(self) -> None:
         """Rank 0 reads blacklist.json; every rank gets the same set (samplers must agree)."""
         ids = None
         if self.rank0:
-            self.blacklist.reload()
-            ids = sorted(self.blacklist.ids)
-        ids = self._broadcast(ids)
+            self.watch.blacklist.reload()
+            ids = sorted(self.watch.blacklist.ids)
+        ids = broadcast(ids)
         self.data.set_blacklist(ids)
-
-    def _broadcast(self, obj):
-        if not _dist.initialized() or _dist.world_size() == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)  # note: a host sync, once per flush
-        return box[0]
 
     def _heartbeat(self) -> None:
         """What `thermo supervise` watches: the step in progress and its sample ids. No fsync:
@@ -497,7 +594,7 @@ class Guard:
         if self._closed:
             return
         self._closed = True
-        self.therm.close()
+        self.watch.close()
         self.skip.remove()
 
     def __enter__(self) -> Guard:

@@ -390,6 +390,11 @@ class Thermometer:
             done += self.flush(wait=self.config.sync_flush)
         return done
 
+    @property
+    def flush_due(self) -> bool:
+        """True when the next `step` call flushes (the same on every rank)."""
+        return self._row + 1 >= self.config.flush_every
+
     def _is_exact(self) -> bool:
         every = self.config.attn_every
         return every > 0 and self.step_count % every == 0

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +35,10 @@ import numpy as np
 import torch
 
 from thermo import _dist
-from thermo.checkpoints import CheckpointEntry, Checkpoints
-from thermo.data import BLACKLIST_NAME, BatchLedger, Blacklist
-from thermo.detector import Detector, DetectorConfig, Verdict
-from thermo.guard import DivergenceError, GuardConfig
-from thermo.thermometer import Thermometer, ThermometerConfig
+from thermo.checkpoints import CheckpointEntry
+from thermo.data import BLACKLIST_NAME, Blacklist
+from thermo.detector import Verdict
+from thermo.guard import Watch, broadcast
 
 __all__ = ["BlacklistDataset", "batch_ids"]
 
@@ -137,47 +134,19 @@ def batch_ids(batch: Any, id_key: str = "sample_id") -> Any:
 # -- the escalation for loops thermo does not own ----------------------------------------------
 
 
-class _Watch:
-    """Thermometer, detector, ledger, checkpoints and blacklist for a framework's loop.
-
-    The framework calls `record` once per optimizer step; on a verdict the adapter calls `stop`,
-    which does what `Guard._rollback` does except restoring: it picks the checkpoint the next
-    launch resumes from, marks the later ones bad, blacklists the samples, records the events.
+class _Watch(Watch):
+    """`Watch` for a framework's loop: the framework calls `record` once per optimizer step with
+    this rank's sample ids; on a verdict the adapter calls `stop`, which plans the repair as the
+    Guard does but restores nothing: it leaves the checkpoint the next launch resumes from.
     Every method is called on every rank alike; rank 0 decides and writes.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        run_dir: Path,
-        *,
-        config: GuardConfig | None,
-        thermometer: ThermometerConfig | None,
-        detector: DetectorConfig | None,
-        checkpoints: Checkpoints,
-        sinks: Sequence[Any] = (),
-    ):
-        self.run_dir = run_dir
-        self.config = config or GuardConfig()
-        self.rank0 = _dist.is_rank0()
-        self.checkpoints = checkpoints
-        self.detector = Detector(detector)
-        self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
-        tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
-        self.therm = Thermometer(model, run_dir, tcfg, sinks=sinks, start_step=1)
-        self.store = self.therm.store  # rank 0 only
-        self.blacklist = Blacklist.load(run_dir) if self.rank0 else None
-        self.rollbacks = _broadcast(self._past_rollbacks())
+    def __init__(self, model: torch.nn.Module, run_dir: Path, **kw: Any):
+        super().__init__(model, run_dir, **kw)
         self.verdict: Verdict | None = None  # the verdict that stopped this launch
         self.target: CheckpointEntry | None = None  # where the next launch resumes
         self.step = 0  # the last step recorded
         self._ids: list[tuple[int, Any]] = []  # (step, this rank's ids) not yet on the host
-
-    def _past_rollbacks(self) -> int:
-        if not self.rank0:
-            return 0
-        ev = self.store.events()
-        return int((ev["kind"] == "rollback").sum()) if len(ev) else 0
 
     def begin(self, step: int) -> bool:
         """Start recording after `step` (the step the framework resumed at, 0 on a fresh start).
@@ -186,35 +155,24 @@ class _Watch:
             True if this launch continues an earlier one (it resumed, or restarted from scratch
             after a stop); False on the run's first launch, which should save checkpoint 0.
         """
-        resumed = step > 0 or bool(self.rank0 and self.store.last_step() is not None)
-        resumed = _broadcast(resumed)
+        resumed = broadcast(step > 0 or bool(self.rank0 and self.store.last_step() is not None))
         self.step = step
-        if not resumed:
-            return False
-        attempt = self.store.begin_attempt(step, "restart") if self.rank0 else 0
-        self.therm.load_state_dict({"step": step + 1, "attempt": attempt})
-        if self.rank0:
-            self.store.event("restart", f"resumed from checkpoint {step}", step=step, reason="resume",
-                             checkpoint=step)
-        return True
+        if resumed:
+            self.resumed(step)
+        return resumed
 
     def record(self, step: int, loss, grad_norm, ids=None) -> Verdict | None:
         """Record optimizer step `step`; at a flush, judge it. Returns the verdict (every rank)."""
         self.step = step
         if ids is not None:
             self._ids.append((step, ids))
-        flushes = self.therm.flushes
-        records = self.therm.step(loss, grad_norm=grad_norm, step=step)
-        if self.therm.flushes == flushes:  # true on every rank alike
-            return None
-        self._write_ledger()
-        pending = self.detector.update(records) if self.rank0 else None
-        verdict = _broadcast(pending)
-        if verdict is None:
-            self.checkpoints.promote(step)
-        return verdict
+        if self.therm.flush_due:
+            self._gather_ids()
+        return super().record(step, loss, grad_norm)
 
-    def _write_ledger(self) -> None:
+    def _gather_ids(self) -> None:
+        """Put the global batches of the steps since the last flush in the ledger: every rank's
+        ids, gathered (one collective per flush)."""
         rows = [(s, _id_list(i)) for s, i in self._ids]  # note: a host sync if ids are on a device; once per flush
         self._ids.clear()
         if _dist.initialized() and _dist.world_size() > 1:
@@ -225,89 +183,28 @@ class _Watch:
             rows = [(s, [i for part in parts for i in dict(part).get(s, [])]) for s, _ in rows]
         for s, ids in rows:
             self.ledger.record(s, ids)
-        if self.rank0:
-            self.store.write_ledger(self.therm.attempt, self.ledger.pop_unwritten())
-        else:
-            self.ledger.pop_unwritten()
 
     def stop(self, verdict: Verdict) -> CheckpointEntry:
         """Act on `verdict` without restoring: the next launch resumes from the returned entry.
+        The batches after now are the framework's to choose, so none are blacklisted ahead.
 
         Raises:
             DivergenceError: after `max_rollbacks` stops, or with no good checkpoint before the onset.
         """
-        cfg = self.config
-        if self.rank0:
-            self.store.event("verdict", verdict.message, step=verdict.detection_step, **verdict.to_dict())
-        if self.rollbacks >= cfg.max_rollbacks:
-            self._give_up(verdict)
-        self.checkpoints.mark_bad(verdict.onset_step)
-        target = self.checkpoints.newest_good(before_step=verdict.onset_step - cfg.rollback_margin)
-        if target is None:
-            target = self.checkpoints.newest_good(before_step=verdict.onset_step)
-        if target is None:
-            self._give_up(verdict, "no good checkpoint from before the onset")
-        # The samples read from the onset (less a margin) to now; those at or before the target
-        # step are in its weights already. The batches after now are the framework's to choose.
-        first = max(verdict.onset_step - cfg.skip_before, target.step + 1)
-        last = min(verdict.detection_step + cfg.skip_after, self.step)
-        ids = self.ledger.ids_for(first, last)
-        if self.rank0:
-            self.blacklist.add(ids, reason=verdict.message, verdict=verdict.to_dict(), source="guard")
-        # The next launch continues from `target`: later checkpoints are an abandoned timeline.
-        self.checkpoints.mark_bad(target.step + 1, note=f"superseded: the run stopped to resume from step {target.step}")
-        self.rollbacks += 1
-        if self.rank0:
-            self.store.event(
-                "rollback",
-                f"stopped at step {self.step} to resume from checkpoint {target.step}; "
-                f"skipping {len(ids)} samples of steps {first}..{last}",
-                step=self.step, from_step=self.step, to_step=target.step, onset_step=verdict.onset_step,
-                detection_step=verdict.detection_step, blacklisted=ids, n_blacklisted=len(ids),
-                lr_scale=1.0, rollback=self.rollbacks, action="stop",
-            )
-        self.verdict, self.target = verdict, target
+        plan = self.plan(verdict, self.step)
+        # The next launch continues from the target: later checkpoints are an abandoned timeline.
+        self.checkpoints.mark_bad(plan.target.step + 1,
+                                  note=f"superseded: the run stopped to resume from step {plan.target.step}")
+        self.log_rollback(plan, self.step, "stop")
+        self.verdict, self.target = verdict, plan.target
         _barrier()  # rank 0's files are written before any rank lets its framework go on
-        return target
-
-    def _give_up(self, verdict: Verdict, why: str | None = None):
-        why = why or f"{self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks})"
-        msg = f"thermo gave up: {why}; last verdict: {verdict.message}"
-        if self.rank0:
-            self.store.event("give_up", msg, step=verdict.detection_step, reason=why)
-        raise DivergenceError(msg)
-
-    def close(self) -> None:
-        self.therm.close()
-
-
-def _newest_usable(checkpoints: Checkpoints) -> CheckpointEntry | None:
-    """The checkpoint a relaunch resumes from: the newest intact one not marked bad (as
-    `Guard` resumes). Rank 0 decides; every rank gets its answer."""
-    found = None
-    if _dist.is_rank0():
-        for e in sorted(checkpoints.entries, key=lambda e: -e.step):
-            if e.health != "bad" and checkpoints.torn(e) is None:
-                found = e
-                break
-    return _broadcast(found)
+        return plan.target
 
 
 def _id_list(ids) -> list[int]:
     if isinstance(ids, torch.Tensor):
         return [int(i) for i in ids.reshape(-1).tolist()]
     return [int(i) for i in ids]
-
-
-def _broadcast(obj):
-    """Rank 0's `obj` on every rank (no-op without a process group)."""
-    if not _dist.initialized() or _dist.world_size() == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)  # note: a host sync, once per flush
-    return box[0]
 
 
 def _barrier() -> None:

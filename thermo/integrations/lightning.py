@@ -33,7 +33,8 @@ import torch
 from thermo.checkpoints import CheckpointConfig, Checkpoints
 from thermo.detector import DetectorConfig
 from thermo.guard import GuardConfig
-from thermo.integrations import _newest_usable, _require, _Watch, batch_ids
+from thermo.guard import newest_usable
+from thermo.integrations import _require, _Watch, batch_ids
 from thermo.probes import grad_norm_and_nonfinite
 from thermo.thermometer import ThermometerConfig
 
@@ -78,7 +79,7 @@ def resume_path(run_dir: str | os.PathLike, folder: str = "checkpoints") -> str 
         >>> trainer.fit(model, datamodule=dm, ckpt_path=resume_path("runs/exp1"))
     """
     ckpts = Checkpoints(run_dir, CheckpointConfig(folder=folder), backend=LightningBackend(None))
-    entry = _newest_usable(ckpts)
+    entry = newest_usable(ckpts)
     return None if entry is None else str(Path(run_dir) / entry.path / CKPT_NAME)
 
 
