@@ -39,11 +39,12 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under DDP / torch.compile wrappers, so layer names do not depend on them."""
+    """The user's module under DDP / DeepSpeed / torch.compile wrappers, so layer names do not
+    depend on them."""
     while True:
         if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod  # OptimizedModule from torch.compile
-        elif type(model).__name__ == "DistributedDataParallel" and isinstance(
+        elif type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine") and isinstance(
             getattr(model, "module", None), nn.Module
         ):
             model = model.module
