@@ -166,5 +166,135 @@ def report(run_dir: Path, output: Path, layout_file: Path | None):
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("command", nargs=-1, required=True)
+@click.option("--max-restarts", default=10, show_default=True, help="Give up after this many restarts.")
+@click.option("--max-stalled", default=3, show_default=True,
+              help="Give up after this many launches in a row that get no further than before.")
+@click.option("--hang-timeout", default=600.0, show_default=True,
+              help="Seconds without a heartbeat or new metrics before the command counts as hung.")
+@click.option("--startup-timeout", default=1800.0, show_default=True,
+              help="Seconds a launch may take to its first step (0: no limit).")
+@click.option("--grace", default=30.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--verdict-grace", default=10.0, show_default=True,
+              help="Seconds a Guard gets to roll back by itself before the supervisor acts.")
+@click.option("--dtype", default=None, help="Compute dtype for the detector's overflow rule (float16, bfloat16).")
+@click.option("--no-detect", is_flag=True, help="Do not run the detector over the metrics store.")
+@click.option("--poll", default=1.0, show_default=True, help="Seconds between looks.")
+@click.option("--restart-delay", default=1.0, show_default=True, help="Seconds to wait before a restart.")
+@click.option("--quiet", is_flag=True, help="No status line.")
+def supervise(run_dir: Path, command: tuple[str, ...], max_restarts: int, max_stalled: int, hang_timeout: float,
+              startup_timeout: float, grace: float, verdict_grace: float, dtype: str | None, no_detect: bool,
+              poll: float, restart_delay: float, quiet: bool):
+    """Run a training COMMAND and keep it healthy: restart it after crashes and hangs, roll back and
+    blacklist the batches behind a divergence, give up clearly.
+
+    Put the command after '--':
+
+    \b
+        thermo supervise runs/a --hang-timeout 300 -- \\
+            torchrun --nproc_per_node=8 -m thermo.train_gpt --run-dir runs/a
+
+    The command gets THERMO_RUN_DIR=RUN_DIR and must resume from the run directory when restarted
+    (the Guard does). Every decision is recorded as an event in RUN_DIR/thermo.db. Exit status: 0
+    when the command finishes, 1 when the supervisor gives up, 2 on bad input, 128+N when stopped
+    by signal N (SIGINT/SIGTERM stop the command cleanly).
+    """
+    from thermo.detector import DetectorConfig
+    from thermo.supervisor import Supervisor, SupervisorConfig, SupervisorError
+
+    config = SupervisorConfig(
+        max_restarts=max_restarts, max_stalled=max_stalled, hang_timeout=hang_timeout,
+        startup_timeout=startup_timeout, grace=grace, verdict_grace=verdict_grace, poll=poll,
+        detect=not no_detect, detector=DetectorConfig(dtype=dtype) if dtype else None,
+        restart_delay=restart_delay, status_every=0.0 if quiet else 60.0)
+    try:
+        outcome = Supervisor(run_dir, list(command), config).run()
+    except SupervisorError as e:
+        click.echo(f"thermo: error: {e}", err=True)
+        sys.exit(2)
+    sys.exit(outcome.exit_code)
+
+
+def _parse_ids(specs: tuple[str, ...]) -> list[int]:
+    ids: list[int] = []
+    for part in (p.strip() for spec in specs for p in spec.split(",")):
+        lo, sep, hi = part.partition("-")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise ValueError(f"{part!r} is not a sample id or a range like 100-120")
+        ids.extend(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
+def _ranges(ids: list[int]) -> str:
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return " ".join(out)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("action", type=click.Choice(["list", "add", "remove"]), default="list")
+@click.argument("ids", nargs=-1)
+@click.option("--reason", default="added by hand", show_default=True, help="Why (for add).")
+@click.option("--json", "as_json", is_flag=True, help="List the entries as JSON.")
+def blacklist(run_dir: Path, action: str, ids: tuple[str, ...], reason: str, as_json: bool):
+    """List, add or remove the sample ids RUN_DIR skips.
+
+    \b
+        thermo blacklist runs/a                      # list, grouped by why
+        thermo blacklist runs/a add 17 100-120 --reason "corrupt shard"
+        thermo blacklist runs/a remove 17
+
+    Edits are atomic (merged under the blacklist's file lock, so a running trainer or supervisor
+    loses nothing) and recorded as `blacklist` events. A running trainer reads them at its next
+    rollback or restart.
+    """
+    import json
+    from dataclasses import asdict
+
+    from thermo.data import Blacklist
+    from thermo.store import Store
+
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} does not exist (create it first to seed a blacklist)")
+    if action == "list":
+        if ids:
+            raise ValueError("list takes no ids")
+        entries = Blacklist.load(run_dir).entries
+        if as_json:
+            click.echo(json.dumps([{"id": i, **asdict(e)} for i, e in sorted(entries.items())], indent=1))
+            return
+        click.echo(f"{len(entries)} blacklisted samples in {run_dir}")
+        groups: dict[tuple, list[int]] = {}
+        for i, e in sorted(entries.items()):
+            groups.setdefault((e.source, e.reason), []).append(i)
+        for (source, why), members in groups.items():
+            click.echo(f"  [{source}] {len(members)}: {why}\n      {_ranges(members)}")
+        return
+    if not ids:
+        raise ValueError(f"{action} needs sample ids, e.g. thermo blacklist {run_dir} {action} 17 100-120")
+    wanted = _parse_ids(ids)
+    bl = Blacklist.load(run_dir)  # a broken blacklist or store fails before anything is written
+    with Store(run_dir) as store:
+        if action == "add":
+            added, removed = bl.add(wanted, reason=reason, source="user"), []
+        else:
+            added, removed = [], bl.remove(wanted)
+        store.event("blacklist", f"{action} by hand: {len(added) or len(removed)} samples ({reason})"
+                    if action == "add" else f"remove by hand: {len(removed)} samples",
+                    added=added, removed=removed, reason=reason if action == "add" else "removed by hand",
+                    source="user")
+    done = added if action == "add" else removed
+    click.echo(f"{'added' if action == 'add' else 'removed'} {len(done)} of {len(wanted)} ids"
+               + (f": {_ranges(done)}" if done else " (nothing changed)"))
+
+
 if __name__ == "__main__":
     main()

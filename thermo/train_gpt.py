@@ -94,7 +94,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--diverge-from", type=int, default=0)
     a("--resume", choices=["auto", "never"], default="auto")
     a("--max-rollbacks", type=int, default=5)
+    a("--skip-z", type=float, default=6.0,
+      help="skip steps whose loss/grad norm exceed mean + z*sigma on the device (0: only non-finite)")
     a("--quiet", action="store_true", help="no progress line")
+    # Fault injection, for the tests of `thermo supervise` (see _Faults); inert unless given.
+    f = p.add_argument_group("fault injection (tests)").add_argument
+    f("--crash-at", type=int, default=0, metavar="STEP", help="hard exit (code 3) at the start of STEP")
+    f("--crash-on-batch", type=int, default=0, metavar="STEP",
+      help="hard exit whenever a batch holding a sample of clean step STEP's batch is trained (a poison batch)")
+    f("--crash-on-start", action="store_true", help="exit with an error before training")
+    f("--hang-at", type=int, default=0, metavar="STEP", help="rank --hang-rank sleeps forever at STEP")
+    f("--hang-rank", type=int, default=0)
+    f("--kill-during-checkpoint", type=int, default=0, metavar="STEP",
+      help="SIGKILL this process half-way through writing the checkpoint of STEP")
+    f("--fault-once", action="store_true",
+      help="faults fire on the first launch in the run directory only (a marker file remembers)")
+    f("--guard-blind", action="store_true",
+      help="the Guard's detector never fires: divergences are left to `thermo supervise`")
     return p.parse_args(argv)
 
 
@@ -138,10 +154,15 @@ def shard(model: GPT, args) -> torch.nn.Module:
     if args.shard == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = None
+        kw = {}
         if args.dtype == "bf16":
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kw = {"mp_policy": mp} if mp else {}
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # LayerNorms keep fp32 parameters (and cast their input to fp32): normalisation
+            # statistics are what bf16 rounds worst.
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            for m in model.modules():
+                if isinstance(m, torch.nn.LayerNorm):
+                    fully_shard(m, mp_policy=fp32)
         for block in model.h:
             fully_shard(block, **kw)
         fully_shard(model, **kw)
@@ -209,6 +230,81 @@ class Progress:
             print(file=sys.stderr)
 
 
+class _Faults:
+    """Fault injection for the tests of `thermo supervise` (--crash-at, --crash-on-batch,
+    --crash-on-start, --hang-at, --kill-during-checkpoint, --guard-blind): the faults a supervisor
+    must survive, planted in the real loop. With --fault-once they fire on the first launch in the
+    run directory only (a marker file remembers), so a restarted run gets through."""
+
+    MARKER = ".fault_fired"
+
+    def __init__(self, args, run_dir: Path, num_samples: int):
+        self.args, self.run_dir = args, run_dir
+        # Decided at start on every rank alike, before any rank can write the marker.
+        self.armed = not (args.fault_once and (run_dir / self.MARKER).exists())
+        self.poison: set[int] = set()
+        if args.crash_on_batch:  # the samples a clean run reads at that step (as poison_ids)
+            clean = ResumableSampler(num_samples, args.batch_size, seed=args.seed)
+            self.poison = set(clean.peek(args.crash_on_batch)[-1])
+        self._dcp_save = None
+        if self.armed and args.crash_on_start:
+            self._fire("--crash-on-start")
+            raise SystemExit(1)
+        if self.armed and args.kill_during_checkpoint:
+            self._patch_checkpoint_save(args.kill_during_checkpoint)
+
+    def _fire(self, what: str) -> None:
+        if self.args.fault_once:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / self.MARKER).write_text(what + "\n")
+        print(f"train_gpt: fault injection: {what}", file=sys.stderr, flush=True)
+
+    def detector(self, config: DetectorConfig) -> DetectorConfig:
+        if not self.args.guard_blind:
+            return config
+        return DetectorConfig(nonfinite=False, spikes=(), growth_stats=(), overflow_stats=())
+
+    def at_step(self, step: int, ids: list[int]) -> None:
+        a = self.args
+        if not self.armed:
+            return
+        if step == a.crash_at or (self.poison and not self.poison.isdisjoint(ids)):
+            self._fire(f"crash at step {step} (batch {ids})")
+            os._exit(3)  # a hard crash (like a kernel fault): nothing is flushed or closed
+        if step == a.hang_at and _dist.rank() == a.hang_rank:
+            self._fire(f"rank {a.hang_rank} hangs at step {step}")
+            while True:
+                time.sleep(3600)
+
+    def _patch_checkpoint_save(self, step: int) -> None:
+        import signal
+
+        import torch.distributed.checkpoint as dcp
+
+        self._dcp_save = save = dcp.save
+
+        def killed_mid_save(state, *args, checkpoint_id=None, **kw):
+            out = save(state, *args, checkpoint_id=checkpoint_id, **kw)
+            folder = Path(checkpoint_id)
+            if folder.name == f"step_{step:08d}":
+                # What a SIGKILL half-way through the write leaves: short data files, no
+                # .metadata, no manifest entry.
+                self._fire(f"SIGKILL while writing {folder}")
+                for f in folder.glob("*.distcp"):
+                    os.truncate(f, f.stat().st_size // 2)
+                (folder / ".metadata").unlink(missing_ok=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        dcp.save = killed_mid_save
+
+    def close(self) -> None:
+        if self._dcp_save is not None:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save, self._dcp_save = self._dcp_save, None
+
+
 def train(args) -> Summary:
     """Train as `args` says (see `parse_args`); returns what happened."""
     t0 = time.time()
@@ -223,6 +319,7 @@ def train(args) -> Summary:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     sampler = ResumableSampler(data, args.batch_size, seed=args.seed)
     poisoned = poison_ids(args, len(data))
+    faults = _Faults(args, run_dir, len(data))  # fault injection for tests; inert unless asked
     if args.resume == "never" and (run_dir / "manifest.json").exists():
         raise SystemExit(f"train_gpt: {run_dir} already holds a run; pass --resume auto or another --run-dir")
 
@@ -232,9 +329,11 @@ def train(args) -> Summary:
 
     guard = Guard(
         model, opt, run_dir, data=sampler, fetch=fetch, scheduler=sched,
-        config=GuardConfig(checkpoint_every=args.checkpoint_every, max_rollbacks=args.max_rollbacks),
+        config=GuardConfig(checkpoint_every=args.checkpoint_every, max_rollbacks=args.max_rollbacks,
+                           skip_z=args.skip_z or None),
         thermometer=ThermometerConfig(flush_every=args.flush_every, attn_every=args.attn_every),
-        detector=DetectorConfig(dtype={"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32")),
+        detector=faults.detector(
+            DetectorConfig(dtype={"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32"))),
         checkpoints=CheckpointConfig(keep_last=args.keep_last, good_after=args.good_after),
     )
     if guard.store is not None:  # the dashboards draw the dtype's overflow limit from this
@@ -246,6 +345,7 @@ def train(args) -> Summary:
     summary = Summary(run_dir=str(run_dir))
     try:
         for step, (x, y) in guard.batches(max_steps=args.steps):
+            faults.at_step(step, guard.batch_ids)
             if args.seq_warmup and step <= args.seq_warmup:
                 T = max(32, int(args.block_size * step / args.seq_warmup))
                 x, y = x[:, :T], y[:, :T]
@@ -269,6 +369,7 @@ def train(args) -> Summary:
     finally:
         progress.close()
         guard.close()
+        faults.close()
     summary.steps = guard.step - 1
     summary.rollbacks = guard.rollbacks
     summary.seconds = time.time() - t0
@@ -291,18 +392,27 @@ def _fill_summary(summary: Summary, run_dir: Path) -> None:
         summary.steps_lost += int(e["data"]["from_step"]) - int(e["data"]["to_step"])
 
 
+def _shutdown(barrier: bool) -> None:
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()  # ranks that finish unevenly: the early one would abort the rest
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         s = train(args)
-    except DivergenceError as e:
+    except DivergenceError as e:  # every rank gives up together: the decision was broadcast
         print(f"train_gpt: {e}", file=sys.stderr)
+        _shutdown(barrier=True)
         return EXIT_DIVERGED
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    except BaseException:
+        # No barrier: the other ranks may be inside a collective of the step; torchrun ends them.
+        _shutdown(barrier=False)
+        raise
+    _shutdown(barrier=True)
     if rank0 and not args.quiet:
         print(f"done: {s.steps} steps in {s.seconds:.0f}s, final loss {s.final_loss:.4f}, "
               f"rollbacks {s.rollbacks}, samples skipped {s.skipped_samples}, steps lost {s.steps_lost}")
