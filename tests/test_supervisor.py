@@ -355,6 +355,20 @@ def test_a_thermometer_only_loop_is_protected_by_the_store(tmp_path):
     assert (rows["attempt"] == 0).sum() >= 25 and (rows["attempt"] == 1).sum() == 40
 
 
+@pytest.mark.slow
+def test_a_framework_adapter_stopping_to_resume_is_relaunched(tmp_path):
+    """The Lightning callback stops on a verdict and exits 0: the supervisor relaunches it."""
+    pytest.importorskip("lightning")
+    run = tmp_path / "r"
+    out = supervise(run, command=[sys.executable, str(FAULTS / "lightning_stop.py")])
+    assert out.exit_code == 0, out.message
+    assert [la.ending for la in out.launches] == ["relaunch", "finished"]
+    assert "stopped on a verdict to resume from checkpoint" in out.launches[0].why
+    kinds = list(events(run)["kind"])
+    assert kinds.count("rollback") == 1 and "restart" in kinds
+    assert thermo.load(run).scalars["step"].max() == 100
+
+
 # -- stopping --------------------------------------------------------------------------------
 
 

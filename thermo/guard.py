@@ -307,6 +307,17 @@ class Watch:
             action=action,
         )
 
+    def heartbeat(self, step: int, ids: list[int] | None = None) -> None:
+        """What `thermo supervise` watches: the step in progress and (when the host knows them
+        without a sync) its sample ids. No fsync: it only has to be fresh, not durable."""
+        if not self.rank0:
+            return
+        path = self.run_dir / HEARTBEAT_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "attempt": self.therm.attempt,
+                                   "ids": ids or [], "time": time.time()}))
+        os.replace(tmp, path)
+
     def rewind(self, step: int, reason: str) -> None:
         """Continue the record after checkpoint `step`: a new attempt on the store's timeline."""
         attempt = self.store.begin_attempt(step, reason) if self.rank0 else 0
@@ -464,7 +475,7 @@ class Guard:
                 return
             self._current_ids = ids
             self.watch.ledger.record(self.step, ids)
-            self._heartbeat()
+            self.watch.heartbeat(self.step, ids)
             yield self.step, batch
 
     @property
@@ -577,17 +588,6 @@ class Guard:
             ids = sorted(self.watch.blacklist.ids)
         ids = broadcast(ids)
         self.data.set_blacklist(ids)
-
-    def _heartbeat(self) -> None:
-        """What `thermo supervise` watches: the step in progress and its sample ids. No fsync:
-        it only has to be fresh, not durable."""
-        if not self.rank0:
-            return
-        path = self.run_dir / HEARTBEAT_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "step": self.step, "attempt": self.therm.attempt,
-                                   "ids": self._current_ids, "time": time.time()}))
-        os.replace(tmp, path)
 
     def close(self) -> None:
         """Flush, remove the hooks and the optimizer mask. Every rank must call it."""

@@ -141,7 +141,7 @@ class Launch:
     guard: bool = False  # wrote a heartbeat: a Guard loop, which can act on a verdict itself
     records: int = 0  # records this launch wrote that the detector read
     end: float | None = None
-    ending: str = ""  # finished | divergence | crash | hang | stopped
+    ending: str = ""  # finished | divergence | crash | hang | stopped | relaunch
     exit_code: int | None = None
     fault_time: float | None = None  # when the fault happened, as closely as can be told
     verdict: Verdict | None = None
@@ -417,7 +417,13 @@ class Supervisor:
             if pending and self.feed.attempt > pending[1]:
                 pending = None  # rolled back by itself before it exited
         guard_v, gave_up = self._read(lambda: self._guard_verdict(launch), (None, False))
-        if rc == 0:
+        stop = self._read(lambda: self._stopped_to_resume(launch), None) if rc == 0 else None
+        if stop is not None:
+            # A framework adapter (Hugging Face, Lightning) stopped on a verdict and left the
+            # checkpoint to resume from and the blacklist: relaunching is the repair.
+            launch.ending = "relaunch"
+            launch.why = f"the trainer stopped on a verdict to resume from checkpoint {stop}"
+        elif rc == 0:
             launch.ending, launch.why = "finished", "the command finished"
             if pending and self.feed.attempt <= pending[1]:
                 v = pending[0]
@@ -456,7 +462,7 @@ class Supervisor:
                 self._blacklist(launch.ids, f"the command crashed twice in a row at step {at} with "
                                 "this batch: poison", None, [at, at])
                 self._restart_info["poison"] = launch.ids
-        if self.feed is not None and launch.records and not launch.guard:
+        if self.feed is not None and launch.records and not launch.guard and launch.ending != "relaunch":
             # No Guard: the command restarts its own step count. A new attempt keeps the rows
             # it wrote from being overwritten by the next launch's.
             self.store.begin_attempt(-1, f"restart by thermo supervise: {launch.why}")
@@ -541,6 +547,14 @@ class Supervisor:
                                                          "detection_step", "evidence", "message")}), gave_up
         except (KeyError, TypeError, ValueError):
             return None, gave_up
+
+    def _stopped_to_resume(self, launch: Launch) -> int | None:
+        """The checkpoint a framework adapter stopped this launch to resume from (its
+        ``rollback`` event with ``action="stop"``), or None."""
+        ev = self.store.events()
+        ev = ev[(ev["time"] >= launch.start) & (ev["kind"] == "rollback")]
+        stops = [d for d in ev["data"] if d.get("action") == "stop"]
+        return int(stops[-1]["to_step"]) if stops else None
 
     def _record_time(self, v: Verdict, default: float) -> float:
         """When the detection step's record was taken (its ``wall_time``), else `default`."""

@@ -164,6 +164,7 @@ class _Watch(Watch):
     def record(self, step: int, loss, grad_norm, ids=None) -> Verdict | None:
         """Record optimizer step `step`; at a flush, judge it. Returns the verdict (every rank)."""
         self.step = step
+        self.heartbeat(step + 1)  # the step the framework starts next (ids: on the device until the flush)
         if ids is not None:
             self._ids.append((step, ids))
         if self.therm.flush_due:
