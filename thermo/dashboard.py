@@ -88,8 +88,11 @@ class RunReader:
                 return False
             try:
                 changed = self._read_new()
-            except (sqlite3.OperationalError, pd.errors.DatabaseError):
-                return False  # busy for longer than the timeout: keep the last frame, retry
+            except (sqlite3.OperationalError, pd.errors.DatabaseError) as e:
+                # Busy for longer than the timeout: keep the last frame, retry, and say why.
+                self.error = f"the store could not be read this time ({e}); retrying"
+                return False
+            self.error = None
             if changed:
                 self.version += 1
                 self._run = None

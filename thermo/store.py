@@ -25,6 +25,7 @@ may add events; any number of readers (dashboard, report, `thermo inspect`) quer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -383,8 +384,24 @@ class Store:
         df["data"] = df["data"].map(json.loads)
         return df
 
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Read several tables as of one moment: a writer's flush is either in all or in none."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self._conn.execute("BEGIN")  # a WAL read transaction: one consistent snapshot
+        try:
+            yield
+        finally:
+            self._conn.execute("COMMIT")
+
     def records(self, effective: bool = True, after_step: int = -1) -> Iterator[StepRecord]:
         """The stored steps as `StepRecord`s in step order: what the detector replays offline."""
+        with self.snapshot():
+            return iter(self._records(effective, after_step))
+
+    def _records(self, effective: bool, after_step: int) -> list[StepRecord]:
         where_s = f"scalars.step > ? AND {self._effective_clause('scalars')}" if effective else "scalars.step > ?"
         where_l = f"l.step > ? AND {self._effective_clause('l')}" if effective else "l.step > ?"
         by_key: dict[tuple[int, int], StepRecord] = {}
@@ -400,8 +417,7 @@ class Store:
         ):
             rec = by_key.setdefault((step, attempt), StepRecord(step=step, attempt=attempt))
             rec.layers[(layer, stat)] = _py_value(value)
-        for key in sorted(by_key):
-            yield by_key[key]
+        return [by_key[key] for key in sorted(by_key)]
 
     def last_step(self) -> int | None:
         (step,) = self._conn.execute("SELECT MAX(step) FROM scalars").fetchone()
@@ -436,7 +452,7 @@ def load(run_dir: str | os.PathLike, effective: bool = True) -> Run:
         >>> run = thermo.load("runs/exp1")
         >>> run.scalars.plot(x="step", y="loss")
     """
-    with Store(run_dir, readonly=True) as store:
+    with Store(run_dir, readonly=True) as store, store.snapshot():
         return Run(
             run_dir=Path(run_dir),
             scalars=store.scalars(effective),
