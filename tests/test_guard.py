@@ -190,3 +190,21 @@ def test_needs_a_run_dir(monkeypatch):
     with pytest.raises(ValueError, match="THERMO_RUN_DIR"):
         Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), data=ResumableSampler(10, 2),
               fetch=lambda ids: ids)
+
+
+def test_a_resumed_run_is_not_blind_for_a_warm_up(tmp_path):
+    """After a restart the detector gets its history back from the store: a spike 5 steps after
+    the resume is caught (a fresh detector would still be in its 20-step warm-up)."""
+    run(tmp_path, "r", steps=60)
+    resumed = run(tmp_path, "r", "--poison-steps", "65-67", "--skip-z", "0", steps=100)
+    assert resumed.rollbacks == 1
+    (verdict,) = resumed.verdicts
+    assert verdict["onset_step"] == 65 and verdict["kind"] == "spike"
+
+
+def test_a_divergence_in_the_last_partial_window_is_recorded(tmp_path):
+    with pytest.warns(RuntimeWarning, match="the run ended diverging"):
+        run(tmp_path, "r", "--poison-steps", "93-94", "--skip-z", "0", steps=95)
+    ev = thermo.load(tmp_path / "r").events
+    (msg,) = ev[ev["kind"] == "verdict"]["message"]
+    assert msg.startswith("after the last step: grad_norm spike at step 93")

@@ -371,6 +371,11 @@ class Detector:
         self._latched: Verdict | None = None
 
     @property
+    def horizon(self) -> int:
+        """Steps of history a decision can reach back to (windows and the onset walk)."""
+        return self._horizon
+
+    @property
     def latched(self) -> Verdict | None:
         """The verdict the detector is latched on (None when live)."""
         return self._latched

@@ -326,7 +326,12 @@ class Watch:
         self.ledger.rewind(step)
 
     def resumed(self, step: int) -> None:
-        """This launch resumed from checkpoint `step`."""
+        """This launch resumed from checkpoint `step`: the detector gets back the history it had
+        (the stored records up to `step`), so it is not blind for a warm-up after every restart."""
+        if self.rank0:
+            first = step - self.detector.horizon
+            history = [r for r in self.store.records(after_step=first) if r.step <= step]
+            self.detector.update(history)  # a verdict in there is an old one: rewind unlatches it
         self.rewind(step, "restart")
         if self.rank0:
             self.store.event("restart", f"resumed from checkpoint {step}", step=step, reason="resume",
@@ -343,6 +348,17 @@ class Watch:
         raise DivergenceError(msg)
 
     def close(self) -> None:
+        """Flush, judge the last partial window (nothing acts on it any more, but a verdict there
+        is recorded and condemns the checkpoints after its onset) and remove the hooks."""
+        records = self.therm.flush(wait=True)
+        verdict = self.detector.update(records) if self.rank0 and records else None
+        if verdict is not None:
+            self.store.event("verdict", f"after the last step: {verdict.message}",
+                             step=verdict.detection_step, **verdict.to_dict())
+            warnings.warn(f"thermo: the run ended diverging: {verdict.message}", RuntimeWarning, stacklevel=3)
+        verdict = broadcast(verdict)
+        if verdict is not None:
+            self.checkpoints.mark_bad(verdict.onset_step)
         self.therm.close()
 
 
