@@ -32,6 +32,10 @@ _EXPORTS = {
     "ResumableSampler": "thermo.data",
     "StatefulLoader": "thermo.data",
     "BatchLedger": "thermo.data",
+    "Watch": "thermo.guard",
+    "Supervisor": "thermo.supervisor",
+    "SupervisorConfig": "thermo.supervisor",
+    "WandbSink": "thermo.sinks",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -54,6 +58,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from thermo.checkpoints import CheckpointConfig, Checkpoints
     from thermo.data import BatchLedger, Blacklist, ResumableSampler, StatefulLoader
     from thermo.detector import Detector, DetectorConfig, Verdict, detect_run
-    from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig
+    from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig, Watch
+    from thermo.sinks import WandbSink
+    from thermo.supervisor import Supervisor, SupervisorConfig
     from thermo.store import Run, StepRecord, Store, load
     from thermo.thermometer import Thermometer, ThermometerConfig
