@@ -322,8 +322,8 @@ class Thermometer:
             self._handles.append(mod.register_forward_hook(probe.post_hook, always_call=True))
 
     def _set_exact(self) -> None:
-        every = self.config.attn_every
-        exact = every > 0 and self.step_count % every == 0
+        """Tell the attention probes whether the next step is a sampled (exact-logit) one."""
+        exact = self._is_exact()
         for probe in self._attn_probes:
             probe.exact = exact
 
