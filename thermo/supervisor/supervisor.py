@@ -1,215 +1,37 @@
-"""`thermo supervise`: the rollback-and-skip daemon around a training command.
-
-The Guard repairs a run from inside the process; the supervisor covers what the process cannot
-survive: a crash (a kernel fault, an OOM, a lost node), a hang (a rank stuck in a collective), or
-a loop without a Guard at all. It starts the command in a process group of its own with
-``THERMO_RUN_DIR`` set, streams its output, and watches three things:
-
-============== ====================================================================================
-signal         source
-============== ====================================================================================
-exit code      0: done. `EXIT_DIVERGED` (or a ``give_up`` event: torchrun turns every failure into
-               exit 1): the Guard gave up. Anything else: a crash.
-heartbeat      ``RUN/heartbeat.json`` (the Guard writes it at every step), or new rows in the
-               store: no sign of life for ``hang_timeout`` seconds is a hang.
-metrics store  the same `Detector` the Guard runs, fed with the store's records as they arrive
-               (replayed per attempt, like `detect_run`), so a loop that only logs through a
-               Thermometer is protected too.
-============== ====================================================================================
-
-Decisions, each recorded as an event in the store (``verdict``, ``blacklist``, ``restart``,
-``give_up``, plus ``supervise`` when it starts and ends and ``stop`` on SIGINT/SIGTERM):
-
-* divergence: give a Guard ``verdict_grace`` seconds to roll back in process; if it does not (or it
-  gave up), terminate the process tree (SIGTERM, SIGKILL after ``grace``), mark the checkpoints
-  after the rollback target bad, blacklist the sample ids of steps ``[onset - skip_before,
-  detection + skip_after]`` (the store's ledger, plus the heartbeat's step in progress) and restart:
-  the command resumes from the newest good checkpoint.
-* crash: restart (the Guard resumes from the newest intact checkpoint). A second crash in a row at
-  the same step blacklists that step's batch as poison.
-* hang: terminate and restart.
-* give up (exit 1) after ``max_restarts`` restarts, or after ``max_stalled`` launches in a row that
-  got no further than the furthest step reached before.
-
-Example::
-
-    $ thermo supervise runs/a --hang-timeout 600 -- torchrun --nproc_per_node=8 -m thermo.train_gpt
-"""
+"""`Supervisor`: the loop that launches the command, watches it, and repairs and restarts the run."""
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
-from thermo.detector import Detector, DetectorConfig, Verdict
-from thermo.guard import EXIT_DIVERGED, HEARTBEAT_NAME
-from thermo.store import StepRecord, Store
-
-LOCK_NAME = ".supervise.lock"
-
-
-class SupervisorError(RuntimeError):
-    """A bad command, run directory or state: nothing was started or written."""
-
-
-@dataclass(frozen=True)
-class SupervisorConfig:
-    """How the supervisor watches, judges and restarts.
-
-    Attributes:
-        max_restarts: give up after this many restarts.
-        max_stalled: give up after this many launches in a row that got no further than the
-            furthest step reached before (a crash loop, a divergence that always comes back).
-        hang_timeout: seconds without a heartbeat or a new record before a running command is
-            declared hung. Must cover the longest step plus a checkpoint save.
-        startup_timeout: seconds a launch may take to its first sign of life (imports, rendezvous,
-            restoring a checkpoint); 0 = no limit.
-        grace: seconds between SIGTERM and SIGKILL when stopping the command.
-        poll: seconds between looks at the heartbeat, the store and the process.
-        detect: run the detector over the store (False: exit codes and hangs only).
-        detector: the detector's configuration (defaults if None); match the trainer's.
-        verdict_grace: seconds a Guard gets to act on a verdict itself (roll back in process)
-            before the supervisor acts. A command that writes no heartbeat has no Guard and gets
-            none.
-        rollback_margin, skip_before, skip_after: as in `thermo.guard.GuardConfig`: restart from a
-            checkpoint at least `rollback_margin` steps before the onset; blacklist the batches
-            of steps ``[onset - skip_before, detection + skip_after]`` that were read.
-        restart_delay: seconds to wait before a restart (lets ports and GPU memory free up).
-        status_every: seconds between status lines when stderr is not a terminal (a terminal gets
-            one line refreshed in place); 0 = no status line.
-    """
-
-    max_restarts: int = 10
-    max_stalled: int = 3
-    hang_timeout: float = 600.0
-    startup_timeout: float = 1800.0
-    grace: float = 30.0
-    poll: float = 1.0
-    detect: bool = True
-    detector: DetectorConfig | None = None
-    verdict_grace: float = 10.0
-    rollback_margin: int = 10
-    skip_before: int = 20
-    skip_after: int = 10
-    restart_delay: float = 1.0
-    status_every: float = 60.0
-
-    def __post_init__(self):
-        for name in ("max_restarts", "rollback_margin", "skip_before", "skip_after"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"SupervisorConfig.{name} must be an int >= 0, got {v!r}")
-        if not isinstance(self.max_stalled, int) or self.max_stalled < 1:
-            raise ValueError(f"SupervisorConfig.max_stalled must be an int >= 1, got {self.max_stalled!r}")
-        for name in ("hang_timeout", "poll"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"SupervisorConfig.{name} must be > 0 seconds, got {getattr(self, name)!r}")
-        for name in ("startup_timeout", "grace", "verdict_grace", "restart_delay", "status_every"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"SupervisorConfig.{name} must be >= 0 seconds, got {getattr(self, name)!r}")
-        if self.detector is not None and not isinstance(self.detector, DetectorConfig):
-            raise ValueError(f"SupervisorConfig.detector must be a DetectorConfig or None, got {self.detector!r}")
-
-
-@dataclass
-class Launch:
-    """One run of the command, as the supervisor saw it (times are Unix seconds)."""
-
-    number: int
-    start: float
-    pid: int = 0
-    first_sign: float | None = None  # first heartbeat or record of this launch
-    step: int | None = None  # furthest step reached (heartbeat or record)
-    current: int | None = None  # the step in progress at the end (heartbeat, else last record)
-    ids: list[int] = field(default_factory=list)  # its sample ids (heartbeat)
-    guard: bool = False  # wrote a heartbeat: a Guard loop, which can act on a verdict itself
-    records: int = 0  # records this launch wrote that the detector read
-    end: float | None = None
-    ending: str = ""  # finished | divergence | crash | hang | stopped | relaunch
-    exit_code: int | None = None
-    fault_time: float | None = None  # when the fault happened, as closely as can be told
-    verdict: Verdict | None = None
-    why: str = ""  # the ending in words
-
-
-@dataclass
-class Outcome:
-    """What `Supervisor.run` ended with; `exit_code` is what ``thermo supervise`` exits with."""
-
-    status: str  # finished | gave_up | stopped
-    exit_code: int
-    message: str
-    launches: list[Launch]
-    blacklisted: list[int]
-
-
-class _StoreFeed:
-    """Feeds the store's records to a Detector as they arrive, each attempt from its start step
-    (rolled-back rows as the trainer saw them), the way `detect_run` replays a finished run."""
-
-    def __init__(self, store: Store, config: DetectorConfig | None):
-        self.store, self.det = store, Detector(config)
-        self.attempt: int | None = None
-        self.last = -1  # last step fed of `self.attempt`
-        self.latest: StepRecord | None = None
-        self.verdicts: list[tuple[int, Verdict]] = []  # (attempt, verdict), for the caller to take
-        c = self.det.config
-        # A resumed run directory: rebuild the detector's history from the recent past only.
-        last = store.last_step()
-        self._floor = -1 if last is None else last - 2 * max(
-            c.spike_window, c.growth_window + c.growth_recent, c.onset_lookback)
-        self.poll(judge=False)
-
-    def poll(self, judge: bool = True) -> int:
-        """Read and judge the new records; returns how many were fed."""
-        df = self.store.attempts()
-        atts = [(int(a), int(s)) for a, s in zip(df["attempt"], df["start_step"])
-                if self.attempt is None or a >= self.attempt]
-        if not atts:
-            return 0
-        if self.attempt is None:
-            self._enter(*atts[0])
-        after = max(self._floor, min([self.last] + [s for a, s in atts if a > self.attempt]))
-        self._floor = -(2**62)
-        by_attempt: dict[int, list[StepRecord]] = {}
-        for r in self.store.records(effective=False, after_step=after):
-            by_attempt.setdefault(r.attempt, []).append(r)
-        fed = 0
-        for a, s in atts:
-            if a > self.attempt:
-                self._enter(a, s)
-            for r in sorted(by_attempt.get(a, ()), key=lambda r: r.step):
-                if r.step <= self.last:
-                    continue
-                # Store.records reads scalars, then layers: rows of a flush committed in between
-                # come back with layers only. Stop there; the next poll reads them whole.
-                if not r.scalars:
-                    return fed
-                verdict = self.det.update([r])
-                self.last, self.latest, fed = r.step, r, fed + 1
-                if verdict is not None and judge:
-                    self.verdicts.append((a, verdict))
-        return fed
-
-    def _enter(self, attempt: int, start_step: int) -> None:
-        self.attempt, self.last = attempt, start_step
-        self.det.rewind(start_step)
+from thermo.detector import Verdict
+from thermo.guard import EXIT_DIVERGED
+from thermo.store import Store
+from thermo.supervisor.checks import (
+    _check_same_run_dir,
+    _checkpoints,
+    _lock,
+    _newest_usable,
+    _read_heartbeat,
+    check_command,
+    check_run_dir,
+)
+from thermo.supervisor.config import Launch, Outcome, SupervisorConfig, SupervisorError
+from thermo.supervisor.feed import _StoreFeed
+from thermo.supervisor.process import _describe_exit, _terminate, _tree
 
 
 class Supervisor:
@@ -643,197 +465,5 @@ def supervise(run_dir: str | os.PathLike, command: list[str], config: Supervisor
     return Supervisor(run_dir, command, config, **kw).run()
 
 
-# -- checks before anything is started or written --------------------------------------------------
-
-
-def check_command(command: list[str]) -> None:
-    """Raise `SupervisorError` unless `command` names an executable program."""
-    if not command:
-        raise SupervisorError("no command to supervise: give it after '--', e.g. "
-                              "thermo supervise runs/a -- torchrun --nproc_per_node=2 train.py")
-    prog = command[0]
-    found = shutil.which(prog) if os.sep not in prog else (prog if os.access(prog, os.X_OK)
-                                                           and Path(prog).is_file() else None)
-    if found is None:
-        raise SupervisorError(f"command not found: {prog!r} (not an executable file"
-                              f"{'' if os.sep in prog else ' on PATH'}); check the command after '--'")
-
-
-def _check_same_run_dir(command: list[str], run_dir: Path) -> None:
-    """A command that names another run directory (``--run-dir X``) would never be seen."""
-    for i, arg in enumerate(command):
-        other = command[i + 1] if arg == "--run-dir" and i + 1 < len(command) else \
-            arg.partition("=")[2] if arg.startswith("--run-dir=") else None
-        if other and Path(other).absolute().resolve() != run_dir.resolve():
-            raise SupervisorError(f"the command writes to --run-dir {other} but thermo supervise watches "
-                                  f"{run_dir}: give both the same directory (or drop --run-dir: the "
-                                  "command gets THERMO_RUN_DIR)")
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Raise a one-line error if the run directory cannot be used: not a writable folder, or its
-    store, manifest or blacklist is broken, foreign or from a newer thermo. Creates the folder
-    (and nothing else) only once everything else checked out."""
-    from thermo.checkpoints import MANIFEST_NAME
-    from thermo.data import Blacklist
-
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SupervisorError(f"run directory {run_dir} exists and is not a folder; choose another path")
-    if (run_dir / "thermo.db").exists():
-        Store(run_dir, readonly=True).close()  # StoreError: foreign, torn or newer
-    if (run_dir / MANIFEST_NAME).exists() or (run_dir / "checkpoints").is_dir():
-        _checkpoints(run_dir, must=True)  # RunDirError: broken, or folders without a manifest
-    if run_dir.is_dir():
-        Blacklist.load(run_dir)  # RunDirError: malformed or newer
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as e:
-        raise SupervisorError(f"run directory {run_dir} is not writable ({e.strerror or e}); "
-                              "choose a writable path") from None
-
-
-def _checkpoints(run_dir: Path, must: bool = False):
-    """The run's `Checkpoints`, or None where there is no manifest (a loop without a Guard)."""
-    from thermo.checkpoints import MANIFEST_NAME, Checkpoints
-
-    if not must and not (run_dir / MANIFEST_NAME).exists():
-        return None  # never create one: Checkpoints writes an empty manifest where none exists
-    return Checkpoints(run_dir)
-
-
-def _newest_usable(run_dir: Path) -> int | None:
-    """The checkpoint a Guard will resume from: the newest intact one not marked bad."""
-    ckpts = _checkpoints(run_dir)
-    if ckpts is None:
-        return None
-    for e in sorted(ckpts.entries, key=lambda e: -e.step):
-        if e.health != "bad" and ckpts.torn(e) is None:
-            return e.step
-    return None
-
-
-def _lock(run_dir: Path) -> int:
-    """One supervisor per run directory (the lock goes with the process, however it dies)."""
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SupervisorError(f"another thermo supervise is already watching {run_dir}") from None
-    return fd
-
-
-def _read_heartbeat(run_dir: Path) -> dict | None:
-    try:
-        beat = json.loads((run_dir / HEARTBEAT_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return beat if isinstance(beat, dict) and isinstance(beat.get("time"), (int, float)) else None
-
-
-def _describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exit code {rc}"
-
-
 def _config_json(cfg: SupervisorConfig) -> dict:
     return asdict(cfg)
-
-
-# -- the command's process tree ----------------------------------------------------------------
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (tells a pid from a later process reusing it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
-
-
-def _tree(pid: int) -> dict[int, int]:
-    """`pid` and its live descendants, pid -> start time (Linux /proc; elsewhere `pid` alone)."""
-    children: dict[int, list[int]] = {}
-    try:
-        names = [n for n in os.listdir("/proc") if n.isdigit()]
-    except OSError:
-        return {pid: 0}
-    for name in names:
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    out, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        t = _start_time(p)
-        if t is not None and p not in out:
-            out[p] = t
-            todo.extend(children.get(p, ()))
-    return out
-
-
-def _alive(pid: int, start: int) -> bool:
-    t = _start_time(pid)
-    if t is None and not os.path.isdir("/proc"):
-        try:
-            os.kill(pid, 0)
-            return True
-        except OSError:
-            return False
-    return t == start
-
-
-def _signal_tree(proc: subprocess.Popen, tree: dict[int, int], sig: int) -> None:
-    live = {p for p, t in tree.items() if p != os.getpid() and _alive(p, t)}
-    groups = {proc.pid}  # the command's own group (its session leader's pid)
-    for p in live:
-        try:
-            groups.add(os.getpgid(p))
-        except OSError:
-            pass
-    for g in groups - {os.getpgrp()}:  # never our own group
-        try:
-            os.killpg(g, sig)
-        except OSError:
-            pass
-    for p in live:  # members that left their group
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-
-
-def _terminate(proc: subprocess.Popen, tree: dict[int, int], grace: float) -> None:
-    """SIGTERM the command's whole process tree; SIGKILL what is left after `grace` seconds.
-
-    Every process group in the tree is signalled, not only the command's: torchrun starts each
-    worker in a session of its own, so a hung worker would outlive a signal to torchrun's group.
-    `tree` holds every descendant seen while it ran, so orphans of a dead parent are found too.
-    """
-    if proc.poll() is None:
-        tree.update(_tree(proc.pid))
-    if proc.poll() is None or any(_alive(p, t) for p, t in tree.items() if p != proc.pid):
-        _signal_tree(proc, tree, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while True:
-        if proc.poll() is None:
-            tree.update(_tree(proc.pid))
-        left = [p for p, t in tree.items() if p != proc.pid and _alive(p, t)]
-        if proc.poll() is not None and not left:
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.05)
-    _signal_tree(proc, tree, signal.SIGKILL)
-    proc.wait()

@@ -1,33 +1,9 @@
-"""One plotly figure builder per panel, shared by the live dashboard, the static report and W&B.
-
-Every builder takes a `thermo.store.Run` holding every attempt's rows (what
-``thermo.dashboard.read_run(run_dir)`` gives, and the dashboard and report use), so rolled-back
-rows can be drawn faintly; an effective-only `Run` works too. Each returns a
-``plotly.graph_objects.Figure``. Long series are cut to a few thousand points with `downsample`,
-which keeps every bin's minimum, maximum and first non-finite value, so a one-step spike or NaN
-in a million steps is still drawn. Non-finite values (NaN, ±inf) are never dropped silently:
-they are drawn as red markers along the top of the plot.
-
-========== ==================== ================================================================
-panel      builder              shows
-========== ==================== ================================================================
-loss       `loss_figure`        loss and grad norm per step (one row each), rolled-back branches
-                                faint, verdicts shaded onset..detection, rollback arrows
-heatmap    `heatmap_figure`     layers × steps, colour = a per-layer stat (act_max, act_min,
-                                attn_max...), rows in model order
-attention  `attention_figure`   attention-logit max per layer as lines, the fp16 overflow limit
-                                where relevant
-events     `events_figure`      table of verdicts, rollbacks, restarts, blacklist edits, skips
-========== ==================== ================================================================
-"""
+"""The panel builders: `loss_figure`, `heatmap_figure`, `attention_figure`, `events_figure`."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,157 +11,32 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from thermo.plots.downsampling import DEFAULT_MAX_POINTS, downsample
+from thermo.plots.shared import (
+    _NONFINITE_COLOR,
+    _add_nonfinite,
+    _data,
+    _first,
+    _int_or_none,
+    _nonfinite_label,
+    _overlay_axis,
+    _scale_buttons,
+    effective_mask,
+    layer_order,
+)
 from thermo.store import Run
 
-# Points per drawn series: enough to see structure, few enough for a browser to stay responsive.
-DEFAULT_MAX_POINTS = 4000
 # Heatmap columns: cells narrower than a pixel only cost memory.
 DEFAULT_MAX_COLS = 800
 FP16_MAX = 65504.0
 # Draw the fp16 limit when values come within this fraction of it, whatever the dtype.
 _NEAR_OVERFLOW = 0.25
-_NONFINITE_COLOR = "#d62728"
 _EVENT_COLORS = {
     "verdict": "#d62728", "rollback": "#ff7f0e", "restart": "#9467bd", "blacklist": "#8c564b",
     "skip_step": "#7f7f7f", "give_up": "#000000",
 }
 _TITLES = {"loss": "Loss", "grad_norm": "Gradient norm"}
 _MAX_MARKED_EVENTS = 200
-
-
-# -- downsampling ------------------------------------------------------------------------------
-
-
-def downsample_index(y: np.ndarray, max_points: int = DEFAULT_MAX_POINTS) -> np.ndarray:
-    """Indices of the points of `y` to draw: at most `max_points`, min/max-preserving.
-
-    `y` is cut into equal-count bins; each keeps the index of its smallest and largest finite
-    value and of its first non-finite one (NaN, ±inf), plus the first and last point overall. So
-    every spike and every NaN survives, whatever the length.
-
-    Args:
-        y: the values, in x order.
-        max_points: upper bound on the number of indices returned (at least 5).
-
-    Returns:
-        Sorted unique indices into `y`.
-
-    Example:
-        >>> idx = downsample_index(loss, 4000)
-        >>> x_small, y_small = steps[idx], loss[idx]
-    """
-    y = np.asarray(y, dtype="float64")
-    n = len(y)
-    if n <= max_points:
-        return np.arange(n)
-    n_bins = max(1, (max(max_points, 5) - 2) // 3)  # 3 kept per bin + the two ends
-    size = math.ceil(n / n_bins)
-    n_bins = math.ceil(n / size)
-    pad = n_bins * size - n
-    finite = np.isfinite(y)
-    hi = np.where(finite, y, -np.inf)
-    lo = np.where(finite, y, np.inf)
-    # (n_bins, size): the padding never wins a max, a min or a non-finite test.
-    hi = np.concatenate([hi, np.full(pad, -np.inf)]).reshape(n_bins, size)
-    lo = np.concatenate([lo, np.full(pad, np.inf)]).reshape(n_bins, size)
-    bad = np.concatenate([~finite, np.zeros(pad, bool)]).reshape(n_bins, size)
-    base = np.arange(n_bins) * size
-    keep = [base + hi.argmax(1), base + lo.argmin(1)]
-    has_bad = bad.any(1)
-    keep.append((base + bad.argmax(1))[has_bad])
-    idx = np.unique(np.concatenate(keep + [np.array([0, n - 1])]))
-    return idx[idx < n]
-
-
-def downsample(x, y, max_points: int = DEFAULT_MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """`x`, `y` cut to at most `max_points` points by `downsample_index` (spikes and NaN kept).
-
-    Example:
-        >>> xs, ys = downsample(steps, loss, 4000)
-    """
-    x, y = np.asarray(x), np.asarray(y, dtype="float64")
-    idx = downsample_index(y, max_points)
-    return x[idx], y[idx]
-
-
-# -- shared helpers ----------------------------------------------------------------------------
-
-
-def effective_mask(df: pd.DataFrame, attempts: pd.DataFrame) -> pd.Series:
-    """True for the rows of `df` (with attempt and step columns) on the effective timeline:
-    row (a, s) is effective when no later attempt restarted at or before step s."""
-    if df.empty or attempts is None or attempts.empty:
-        return pd.Series(True, index=df.index)
-    end = df["attempt"].map(attempts.set_index("attempt")["end_step"]).fillna(2**62)
-    return df["step"] <= end
-
-
-def layer_order(run: Run, stat: str) -> list[str]:
-    """Layers that record `stat`, in model order (the run's meta "layers"); layers only seen in
-    the data (not in meta) follow in order of appearance."""
-    seen = pd.unique(run.layers.loc[run.layers["stat"] == stat, "layer"]).tolist()
-    order = [entry["name"] for entry in run.meta.get("layers", []) if stat in entry.get("stats", ())]
-    known = set(order)
-    present = set(seen)
-    return [name for name in order if name in present] + [n for n in seen if n not in known]
-
-
-def _nonfinite_label(v: float) -> str:
-    return "NaN" if math.isnan(v) else ("+inf" if v > 0 else "-inf")
-
-
-def _overlay_axis(fig: go.Figure, name: str, over: str) -> str:
-    """A hidden [0, 1] y axis over `over` (e.g. "y2"), for markers pinned to the top of a plot
-    whatever the main axis' range or scale. Returns its trace reference ("y9")."""
-    fig.layout[f"yaxis{name}"] = dict(
-        overlaying=over, range=[0, 1], visible=False, fixedrange=True, showgrid=False
-    )
-    return f"y{name}"
-
-
-def _add_nonfinite(fig: go.Figure, x, y, yref: str, xref: str, name: str, legend: bool) -> None:
-    """Mark the non-finite points of a series at the top of its plot (never drop them)."""
-    y = np.asarray(y, dtype="float64")
-    bad = ~np.isfinite(y)
-    if not bad.any():
-        return
-    labels = [_nonfinite_label(v) for v in y[bad]]
-    fig.add_trace(go.Scatter(
-        x=np.asarray(x)[bad], y=np.full(bad.sum(), 0.97), yaxis=yref, xaxis=xref,
-        mode="markers", marker=dict(symbol="x", size=9, color=_NONFINITE_COLOR),
-        name="non-finite", legendgroup="non-finite", showlegend=legend,
-        text=[f"{name}: {t}" for t in labels], hovertemplate="step %{x}<br>%{text}<extra></extra>",
-    ))
-
-
-def _scale_buttons(n_axes: int, log_y: bool) -> list[dict]:
-    axes = ["yaxis"] + [f"yaxis{i}" for i in range(2, n_axes + 1)]
-    buttons = [
-        dict(label=label, method="relayout", args=[{f"{a}.type": kind for a in axes}])
-        for label, kind in (("linear", "linear"), ("log", "log"))
-    ]
-    return [dict(type="buttons", direction="right", x=1.0, xanchor="right", y=1.02,
-                 yanchor="bottom", buttons=buttons, active=1 if log_y else 0, showactive=True,
-                 pad=dict(t=0, b=0), font=dict(size=11))]
-
-
-def _data(event: pd.Series) -> dict:
-    data = event.get("data")
-    return data if isinstance(data, dict) else {}
-
-
-def _int_or_none(v) -> int | None:
-    try:
-        return None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _first(*values):
-    return next((v for v in values if v is not None), None)
-
-
-# -- panels ------------------------------------------------------------------------------------
 
 
 def loss_figure(
@@ -510,141 +361,3 @@ def events_figure(run: Run, max_rows: int = 500, height: int | None = None) -> g
     fig.update_layout(title=f"events ({len(run.events)})", margin=dict(l=10, r=10, t=40, b=10),
                       height=height or min(640, 120 + 44 * max(n, 1)))  # rows wrap to 2 lines
     return fig
-
-
-# -- layouts -----------------------------------------------------------------------------------
-
-PANELS = {
-    "loss": loss_figure,
-    "heatmap": heatmap_figure,
-    "attention": attention_figure,
-    "events": events_figure,
-}
-# Keys a layout's panel may carry besides the builder's arguments.
-_PANEL_META = {"type", "title"}
-
-# The default layout; dashboards/default.json is the same list, for users to copy and edit.
-DEFAULT_LAYOUT: dict[str, Any] = {
-    "title": "thermo",
-    "refresh_s": 2.0,
-    "panels": [
-        {"type": "loss", "keys": ["loss", "grad_norm"], "log_y": False},
-        {"type": "heatmap", "stat": "act_max"},
-        {"type": "heatmap", "stat": "act_min"},
-        {"type": "heatmap", "stat": "attn_max"},
-        {"type": "attention", "stat": "attn_max"},
-        {"type": "events"},
-    ],
-}
-
-
-def load_layout(path: str | Path | None = None) -> dict[str, Any]:
-    """Read and check a dashboard layout: ``{"title", "refresh_s", "panels": [{"type": ...,
-    builder arguments...}]}`` (JSON, or YAML when PyYAML is installed). None gives the default.
-
-    Raises:
-        ValueError: naming the file, the panel and what is allowed, for any bad entry.
-
-    Example:
-        >>> layout = load_layout("dashboards/attention.json")
-    """
-    if path is None:
-        return json.loads(json.dumps(DEFAULT_LAYOUT))
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"cannot read layout file {path}: {e.strerror}") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"layout {path} is YAML but PyYAML is not installed: "
-                                 "pip install pyyaml, or write the layout as JSON") from None
-            layout = yaml.safe_load(text)
-        else:
-            layout = json.loads(text)
-    except (json.JSONDecodeError, Exception) as e:  # yaml.YAMLError has no common base to name
-        if isinstance(e, ValueError) and str(e).startswith("layout"):
-            raise
-        raise ValueError(f"layout file {path} does not parse: {e}") from None
-    return check_layout(layout, str(path))
-
-
-def check_layout(layout: Any, where: str = "layout") -> dict[str, Any]:
-    """Validate a layout dict (see `load_layout`); returns it with defaults filled in."""
-    if not isinstance(layout, dict) or not isinstance(layout.get("panels"), list) or not layout["panels"]:
-        raise ValueError(f"{where}: a layout is an object with a non-empty 'panels' list")
-    unknown = set(layout) - {"title", "refresh_s", "panels"}
-    if unknown:
-        raise ValueError(f"{where}: unknown top-level keys {sorted(unknown)} "
-                         "(allowed: title, refresh_s, panels)")
-    refresh = layout.setdefault("refresh_s", DEFAULT_LAYOUT["refresh_s"])
-    if not isinstance(refresh, (int, float)) or refresh <= 0:
-        raise ValueError(f"{where}: refresh_s must be a number > 0, got {refresh!r}")
-    layout.setdefault("title", "thermo")
-    for i, panel in enumerate(layout["panels"]):
-        kind = panel.get("type") if isinstance(panel, dict) else None
-        if kind not in PANELS:
-            raise ValueError(f"{where}: panel {i} has type {kind!r}; allowed: {sorted(PANELS)}")
-        allowed = set(inspect.signature(PANELS[kind]).parameters) - {"run"}
-        bad = set(panel) - allowed - _PANEL_META
-        if bad:
-            raise ValueError(f"{where}: panel {i} ({kind}) has unknown keys {sorted(bad)}; "
-                             f"allowed: {sorted(allowed | _PANEL_META)}")
-    return layout
-
-
-def build_panel(run: Run, panel: dict[str, Any]) -> go.Figure:
-    """The figure for one layout entry, e.g. ``{"type": "heatmap", "stat": "attn_max"}``."""
-    args = {k: v for k, v in panel.items() if k not in _PANEL_META}
-    if "keys" in args:
-        args["keys"] = tuple(args["keys"])
-    fig = PANELS[panel["type"]](run, **args)
-    if panel.get("title"):
-        fig.update_layout(title=panel["title"])
-    return fig
-
-
-def panel_title(panel: dict[str, Any]) -> str:
-    if panel.get("title"):
-        return panel["title"]
-    kind = panel["type"]
-    if kind == "loss":
-        return " and ".join(_TITLES.get(k, k) for k in panel.get("keys", ("loss", "grad_norm")))
-    if kind in ("heatmap", "attention"):
-        default = "act_max" if kind == "heatmap" else "attn_max"
-        return f"{kind}: {panel.get('stat', default)}"
-    return "Events"
-
-
-def run_summary(run: Run) -> dict[str, Any]:
-    """The headline numbers a dashboard or report shows: last step, its loss and grad norm,
-    the current attempt, steps and events recorded."""
-    sc = run.scalars
-    out: dict[str, Any] = {"last_step": None, "loss": math.nan, "grad_norm": math.nan,
-                           "attempt": int(run.attempts["attempt"].max()) if len(run.attempts) else 0,
-                           "steps": 0, "events": len(run.events)}
-    if sc.empty:
-        return out
-    eff = sc[effective_mask(sc, run.attempts)].sort_values(["step", "attempt"])
-    last = eff.iloc[-1]
-    out.update(last_step=int(last["step"]), steps=len(eff))
-    for key in ("loss", "grad_norm"):
-        if key in eff.columns:
-            out[key] = float(last[key])
-    return out
-
-
-def fmt(v: Any) -> str:
-    """A number as the dashboard and report print it (6 significant digits; nan, ±inf)."""
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.6g}"
-    return str(v)

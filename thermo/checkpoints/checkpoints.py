@@ -1,0 +1,338 @@
+"""`Checkpoints`: save, judge (health, retention) and restore the run's checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from thermo import _dist
+from thermo._io import RunDirError, atomic_write_json, read_json
+from thermo.checkpoints.backends import CheckpointBackend, DCPBackend
+from thermo.checkpoints.config import CheckpointConfig
+from thermo.checkpoints.manifest import (
+    MANIFEST_NAME,
+    STATE_FORMAT,
+    STATE_NAME,
+    CheckpointEntry,
+    _parse_manifest,
+    _step_folders,
+    _torn,
+    _write_manifest,
+)
+
+
+class Checkpoints:
+    """Save, judge and restore the run's checkpoints.
+
+    `save`, `restore` and `newest_good` are collectives: every rank calls them together. `promote`
+    and `mark_bad` may be called on every rank; only rank 0 acts.
+
+    Args:
+        run_dir: the run directory.
+        config: a `CheckpointConfig`; keyword arguments override its fields.
+        backend: what writes and reads a folder's framework state (default `DCPBackend`).
+
+    Raises:
+        RunDirError: ``manifest.json`` is corrupt or foreign, or missing while checkpoint folders
+            exist (thermo will not guess their health; see `rebuild_manifest`). Nothing is deleted.
+
+    Example:
+        >>> ckpts = Checkpoints("runs/exp1", keep_last=3, good_after=50)
+        >>> ckpts.save(step, model, optimizer, scheduler, data=sampler.state_dict(), extra=state)
+        >>> ckpts.promote(healthy_through_step)
+        >>> ckpts.mark_bad(verdict.onset)
+        >>> entry = ckpts.newest_good(before_step=verdict.onset - margin)
+        >>> out = ckpts.restore(entry, model, optimizer, scheduler)
+        >>> sampler.load_state_dict(out["data"])
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: CheckpointConfig | None = None,
+        *,
+        backend: CheckpointBackend | None = None,
+        **overrides: Any,
+    ):
+        self.run_dir = Path(run_dir)
+        self.config = replace(config or CheckpointConfig(), **overrides)
+        self.backend = backend if backend is not None else DCPBackend()
+        self.dir = self.run_dir / self.config.folder
+        self.manifest_path = self.run_dir / MANIFEST_NAME
+        # Every rank reads (so every rank raises alike on a broken manifest); rank 0 writes.
+        self._entries = self._read_manifest()
+        if self._entries is None:
+            self._entries = []
+            if _dist.is_rank0():
+                self._write_manifest()
+
+    # -- manifest --------------------------------------------------------------------------
+
+    @property
+    def entries(self) -> list[CheckpointEntry]:
+        """The committed checkpoints, oldest first (rank 0's view is the authoritative one)."""
+        return list(self._entries)
+
+    def _read_manifest(self) -> list[CheckpointEntry] | None:
+        if not self.manifest_path.exists():
+            folders = _step_folders(self.dir)
+            if folders:
+                raise RunDirError(
+                    f"{self.manifest_path} is missing but {self.dir} holds {len(folders)} checkpoint "
+                    f"folders ({folders[0].name} ...): thermo will not guess which are good. Restore "
+                    "manifest.json, or list them again as pending with "
+                    f"thermo.checkpoints.rebuild_manifest({str(self.run_dir)!r}), or move the folder away."
+                )
+            return None
+        fix = "Restore it from a backup or fix it; the checkpoint folders were left untouched."
+        return _parse_manifest(read_json(self.manifest_path, "checkpoint manifest", fix), self, fix)
+
+    def _write_manifest(self) -> None:
+        _write_manifest(self.manifest_path, self._entries)
+
+    def _update(self, change) -> list[int]:
+        """Apply `change(entry) -> new entry or None` on rank 0; write if anything changed."""
+        if not _dist.is_rank0():
+            return []
+        changed, new = [], []
+        for e in self._entries:
+            e2 = change(e)
+            if e2 is not None and e2 != e:
+                changed.append(e.step)
+                e = e2
+            new.append(e)
+        if changed:
+            self._entries = new
+            self._write_manifest()
+        return changed
+
+    def promote(self, step_healthy_through: int) -> list[int]:
+        """Mark pending checkpoints good once `good_after` healthy steps followed them.
+
+        Args:
+            step_healthy_through: the last step the detector has cleared.
+
+        Returns:
+            The steps promoted (on rank 0; other ranks get []).
+        """
+        after = self.config.good_after
+        return self._update(
+            lambda e: replace(e, health="good")
+            if e.health == "pending" and e.step + after <= step_healthy_through
+            else None
+        )
+
+    def mark_bad(self, onset_step: int, note: str = "") -> list[int]:
+        """Mark every checkpoint at or after `onset_step` bad: it was written while already sick.
+
+        Returns:
+            The steps newly marked bad (on rank 0; other ranks get []).
+        """
+        return self._bad_from(onset_step, note or f"written at or after the onset step {onset_step}")
+
+    def _bad_from(self, first_step: int, note: str) -> list[int]:
+        return self._update(
+            lambda e: replace(e, health="bad", note=note)
+            if e.step >= first_step and e.health != "bad"
+            else None
+        )
+
+    def newest_good(self, before_step: int | None = None) -> CheckpointEntry | None:
+        """The newest good checkpoint with ``step < before_step`` whose folder is intact.
+
+        A torn or missing folder is skipped with a warning and the next older good one is used.
+        Rank 0 decides; under torch.distributed every rank gets its answer (a collective).
+        """
+        found = None
+        if _dist.is_rank0():
+            for e in sorted(self._entries, key=lambda e: -e.step):
+                if e.health != "good" or (before_step is not None and e.step >= before_step):
+                    continue
+                why = self.torn(e)
+                if why is None:
+                    found = e
+                    break
+                warnings.warn(
+                    f"thermo: checkpoint {self.run_dir / e.path} is unusable ({why}); "
+                    "falling back to an older good checkpoint",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if _dist.initialized():
+            import torch.distributed as dist
+
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        return found
+
+    def torn(self, entry: CheckpointEntry) -> str | None:
+        """Why `entry`'s folder cannot be loaded (missing, unfinished, short files), or None."""
+        return _torn(self.run_dir / entry.path, self.backend)
+
+    # -- save ------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        data: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> CheckpointEntry:
+        """Write a checkpoint of `step` on every rank and commit it as pending. A collective.
+
+        Args:
+            step: the step whose optimizer update the state includes.
+            model: plain, DDP or FSDP2 (``fully_shard``) module (what the backend takes).
+            optimizer: a torch optimizer, or a ``ZeroRedundancyOptimizer`` (each rank saves the
+                state of the parameters it owns, under their names).
+            scheduler: an LR scheduler (anything with ``state_dict``/``load_state_dict``).
+            data: this rank's data position, JSON-serialisable (e.g. the sampler state).
+            extra: thermo's own state (thermometer, detector), JSON-serialisable; rank 0's is kept
+                and every rank gets it back from `restore`.
+
+        Returns:
+            The committed entry. An older checkpoint of the same step (from before a rollback) is
+            replaced. Retention then keeps the last `keep_last` that are not bad plus the newest
+            good one, and deletes other folders, including strays without a manifest entry.
+
+        Save after the first optimizer step: DCP's ``get_state_dict`` fills an optimizer that has
+        no state yet with a zero-LR step, which for Adam advances the step count.
+        """
+        rank0 = _dist.is_rank0()
+        err = _json_error(data, "data") or (_json_error(extra, "extra") if rank0 else None)
+        gathered = _all_gather((data, err))
+        errors = [e for _, e in gathered if e]
+        if errors:
+            raise ValueError(f"Checkpoints.save: {errors[0]}")
+        name = f"step_{step:08d}"
+        path = self.dir / name
+        if rank0:
+            # Drop the entry first: a crash between the two steps leaves a stray folder, never an
+            # entry that points at a half-deleted one.
+            if any(e.step == step for e in self._entries):
+                self._entries = [e for e in self._entries if e.step != step]
+                self._write_manifest()
+            shutil.rmtree(path, ignore_errors=True)
+            self.dir.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        self.backend.save(path, model, optimizer, scheduler, self.config.rng)
+        entry = CheckpointEntry(
+            step=step,
+            path=f"{self.config.folder}/{name}",
+            health="pending",
+            time=time.time(),
+            world_size=_dist.world_size(),
+            data=gathered[0][0],
+        )
+        if rank0:
+            atomic_write_json(
+                path / STATE_NAME,
+                {
+                    "format": STATE_FORMAT,
+                    "version": 1,
+                    "step": step,
+                    "world_size": entry.world_size,
+                    "data": [d for d, _ in gathered],
+                    "extra": extra,
+                },
+            )
+        _barrier()  # every rank has finished writing: now the checkpoint may count
+        if rank0:
+            self._entries.append(entry)
+            self._write_manifest()
+            self._retain()
+        return entry
+
+    def _retain(self) -> None:
+        live = sorted((e for e in self._entries if e.health != "bad"), key=lambda e: e.step)
+        keep = {e.step for e in live[-self.config.keep_last :]}
+        good = [e.step for e in self._entries if e.health == "good"]
+        if good:
+            keep.add(max(good))
+        dropped = [e for e in self._entries if e.step not in keep]
+        if dropped:
+            self._entries = [e for e in self._entries if e.step in keep]
+            self._write_manifest()  # commit first, then delete (see save)
+        owned = {(self.run_dir / e.path).resolve() for e in self._entries}
+        for folder in _step_folders(self.dir):
+            if folder.resolve() not in owned:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # -- restore ---------------------------------------------------------------------------
+
+    def restore(
+        self,
+        entry: CheckpointEntry,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> dict[str, Any]:
+        """Load `entry` into model, optimizer and scheduler, and this rank's RNG. A collective.
+
+        Checkpoints after `entry` are marked bad ("superseded"): the run continues from here, so
+        they belong to an abandoned timeline and must never be rolled back to.
+
+        Returns:
+            ``{"step": ..., "data": this rank's data position, "extra": rank 0's extra}``.
+        """
+        path = self.run_dir / entry.path
+        fix = "Pick another checkpoint (Checkpoints.newest_good skips unusable ones)."
+        meta = read_json(path / STATE_NAME, "checkpoint state", fix)
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise RunDirError(f"{path / STATE_NAME} is not a thermo checkpoint state. {fix}")
+        data = _rank_data(meta.get("data") or [None], path)  # check before changing anything
+        self.backend.load(path, model, optimizer, scheduler, self.config.rng)
+        self._bad_from(entry.step + 1, f"superseded: the run was rolled back to step {entry.step}")
+        return {"step": entry.step, "data": data, "extra": meta.get("extra")}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _rank_data(data: list[Any], path: Path) -> Any:
+    if all(d == data[0] for d in data):  # e.g. ResumableSampler: the same position on every rank
+        return data[0]
+    if len(data) != _dist.world_size():
+        raise ValueError(
+            f"Checkpoints.restore: {path} holds a different data position per rank for "
+            f"{len(data)} ranks; it cannot be restored on {_dist.world_size()} ranks (use a "
+            "sampler whose position is the same on every rank, like thermo.data.ResumableSampler)"
+        )
+    return data[_dist.rank()]
+
+
+def _json_error(obj: Any, what: str) -> str | None:
+    try:
+        json.dumps(obj, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        return f"{what} must be JSON-serialisable (dicts, lists, numbers, strings): {e}"
+    return None
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not _dist.initialized():
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    if _dist.initialized():
+        import torch.distributed as dist
+
+        dist.barrier()

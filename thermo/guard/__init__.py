@@ -1,0 +1,41 @@
+"""`Guard`: the trainer plugin. Thermometers, detector, checkpoints and the data position in one
+object that a training loop calls in three places.
+
+The escalation ladder:
+
+1. A step whose loss or gradient norm is non-finite, or spikes past ``mean + skip_z·σ`` of the
+   last ``skip_window`` healthy steps (OLMo-core's rule), is skipped **on the device**: the
+   decision is a tensor, and the update is masked by the optimizer (``found_inf`` of torch's
+   fused Adam/AdamW/SGD, the way GradScaler does it) or, for other optimizers, by zeroing that
+   step's gradients. No host sync.
+2. On a detector verdict, every rank together: mark checkpoints written after the onset bad,
+   restore the newest good checkpoint before ``onset - rollback_margin``, blacklist the sample
+   ids of steps ``[onset - skip_before, detection + skip_after]``, scale the LR down after
+   repeated rollbacks in one region, record events, continue.
+3. After ``max_rollbacks``, raise `DivergenceError` (exit code `EXIT_DIVERGED` for a supervisor).
+"""
+
+from __future__ import annotations
+
+# `_DeviceSkip as _DeviceSkip`: private, re-exported because the tests import it from here.
+from thermo.guard.config import (
+    EXIT_DIVERGED,
+    HEARTBEAT_NAME,
+    DivergenceError,
+    GuardConfig,
+)
+from thermo.guard.guard import Guard
+from thermo.guard.skip import _DeviceSkip as _DeviceSkip
+from thermo.guard.watch import Plan, Watch, broadcast, newest_usable
+
+__all__ = [
+    "EXIT_DIVERGED",
+    "HEARTBEAT_NAME",
+    "DivergenceError",
+    "Guard",
+    "GuardConfig",
+    "Plan",
+    "Watch",
+    "broadcast",
+    "newest_usable",
+]

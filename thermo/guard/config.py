@@ -1,0 +1,69 @@
+"""The guard's escalation ladder (`GuardConfig`), how it gives up (`DivergenceError`,
+`EXIT_DIVERGED`) and the heartbeat file it writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Exit status a training script uses when the guard gave up; `thermo supervise` knows it.
+EXIT_DIVERGED = 86
+HEARTBEAT_NAME = "heartbeat.json"
+
+
+class DivergenceError(RuntimeError):
+    """The guard rolled back `max_rollbacks` times and the run still diverges."""
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The guard's escalation ladder.
+
+    Attributes:
+        checkpoint_every: steps between checkpoints.
+        rollback_margin: roll back to a checkpoint at least this many steps before the onset.
+        skip_before: blacklist the batches of this many steps before the onset (the onset is
+            where the signal moved; the damage may have begun a little earlier).
+        skip_after: blacklist this many batches after the detection step as well (data
+            neighbouring a bad batch is often bad too: PaLM skipped 200-500 batches).
+        max_rollbacks: give up (`DivergenceError`) after this many rollbacks.
+        lr_backoff: multiply the learning rate by this after `lr_backoff_after` rollbacks
+            within `lr_backoff_region` steps of each other (1.0 = never).
+        lr_backoff_after: rollbacks in one region before the LR is scaled.
+        lr_backoff_region: steps within which two verdicts count as the same region.
+        skip_nonfinite: rung 1: skip steps with a non-finite loss or gradient norm on the device.
+        skip_z: rung 1: also skip steps whose loss or grad norm exceeds mean + skip_z·σ of the
+            last `skip_window` steps (None: only non-finite steps).
+        skip_window: steps in that rolling window.
+        skip_min_window: steps the window must hold before spikes are judged.
+    """
+
+    checkpoint_every: int = 100
+    rollback_margin: int = 10
+    skip_before: int = 20
+    skip_after: int = 10
+    max_rollbacks: int = 5
+    lr_backoff: float = 0.5
+    lr_backoff_after: int = 2
+    lr_backoff_region: int = 500
+    skip_nonfinite: bool = True
+    skip_z: float | None = 6.0
+    skip_window: int = 128
+    skip_min_window: int = 32
+
+    def __post_init__(self):
+        for name in ("checkpoint_every", "skip_window", "lr_backoff_after"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GuardConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rollback_margin", "skip_before", "skip_after", "max_rollbacks",
+                     "lr_backoff_region", "skip_min_window"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GuardConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.lr_backoff <= 1.0:
+            raise ValueError(f"GuardConfig.lr_backoff must be in (0, 1], got {self.lr_backoff}")
+        if self.skip_z is not None and self.skip_z <= 0:
+            raise ValueError(f"GuardConfig.skip_z must be > 0 or None, got {self.skip_z}")
+        if self.skip_min_window > self.skip_window:
+            raise ValueError(
+                f"GuardConfig.skip_min_window ({self.skip_min_window}) must be <= skip_window "
+                f"({self.skip_window})"
+            )

@@ -1,0 +1,275 @@
+"""`Guard`: the plugin for loops thermo owns; rung 1 on the device, rollbacks through `Watch`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from thermo.checkpoints import CheckpointConfig, Checkpoints
+from thermo.data import ResumableSampler, StatefulLoader
+from thermo.detector import DetectorConfig, Verdict
+from thermo.guard.config import GuardConfig
+from thermo.guard.skip import _DeviceSkip
+from thermo.guard.watch import Watch, broadcast
+from thermo.probes import grad_norm_and_nonfinite, unwrap
+from thermo.thermometer import ThermometerConfig
+
+
+class _Data:
+    """The data position: a ResumableSampler + fetch, or a StatefulLoader + ids_fn."""
+
+    def __init__(self, data, fetch):
+        self.data, self.fetch = data, fetch
+        self._iter = None
+        if isinstance(data, ResumableSampler):
+            if fetch is None:
+                raise ValueError("Guard: with a ResumableSampler, pass fetch=callable(local_ids) -> batch "
+                                 "(e.g. dataset.batch)")
+        elif not isinstance(data, StatefulLoader):
+            raise TypeError(f"Guard: data must be a ResumableSampler or a StatefulLoader, got {type(data).__name__}")
+
+    def next(self) -> tuple[Any, list[int]]:
+        if isinstance(self.data, ResumableSampler):
+            ids = self.data.next_global_batch()
+            return self.fetch(self.data.local(ids)), ids
+        if self._iter is None:
+            self._iter = iter(self.data)
+        batch = next(self._iter)
+        ids = self.data.ids_fn(batch)
+        return batch, [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+
+    def peek(self, n: int) -> list[list[int]]:
+        return self.data.peek(n) if isinstance(self.data, ResumableSampler) and n > 0 else []
+
+    def set_blacklist(self, ids) -> None:
+        self.data.set_blacklist(ids)
+
+    def state_dict(self) -> dict:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data.load_state_dict(state)
+        self._iter = None
+
+
+class Guard:
+    """Watches a training loop and repairs it: skip bad steps on the device, roll back to a good
+    checkpoint and blacklist the batches behind a divergence, give up clearly.
+
+    Args:
+        model: the model (plain, DDP, FSDP2); the thermometer attaches to it.
+        optimizer: its optimizer (a ZeroRedundancyOptimizer too). Fused torch Adam/AdamW/SGD get
+            exact on-device step skipping.
+        run_dir: the run directory (default: ``$THERMO_RUN_DIR``, set by ``thermo supervise``).
+        data: a `ResumableSampler` (with `fetch`) or a `StatefulLoader`.
+        fetch: local sample ids -> batch, for a ResumableSampler (e.g. ``dataset.batch``).
+        scheduler: an LR scheduler, checkpointed and restored with the rest.
+        config, thermometer, detector: configuration of each part.
+        checkpoints: a `CheckpointConfig`, or a ready `Checkpoints` (e.g. one saving through a
+            framework's own checkpointing).
+        resume: continue from the newest usable checkpoint in `run_dir` if there is one.
+        sinks: extra record sinks (W&B) for the thermometer.
+
+    The loop::
+
+        guard = thermo.Guard(model, opt, "runs/exp1", data=sampler, fetch=dataset.batch)
+        for step, (x, y) in guard.batches(max_steps=10_000):
+            _, loss = model(x, y)
+            loss.backward()
+            guard.after_backward(loss)       # records, decides rung 1 on the device
+            opt.step(); sched.step()
+            guard.after_step()               # checkpoints, detects, rolls back (all ranks)
+            opt.zero_grad(set_to_none=True)
+        guard.close()
+
+    Steps are numbered from 1; checkpoint 0 is the initial state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        run_dir: str | os.PathLike | None = None,
+        *,
+        data: ResumableSampler | StatefulLoader,
+        fetch: Callable[[list[int]], Any] | None = None,
+        scheduler: Any = None,
+        config: GuardConfig | None = None,
+        thermometer: ThermometerConfig | None = None,
+        detector: DetectorConfig | None = None,
+        checkpoints: CheckpointConfig | Checkpoints | None = None,
+        resume: bool = True,
+        sinks=(),
+    ):
+        self.data = _Data(data, fetch)
+        self.watch = w = Watch(model, run_dir, config=config, thermometer=thermometer, detector=detector,
+                               checkpoints=checkpoints, sinks=sinks)
+        self.run_dir, self.config, self.checkpoints, self.therm = w.run_dir, w.config, w.checkpoints, w.therm
+        self.store, self.rank0 = w.store, w.rank0
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self._params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        self.skip = _DeviceSkip(self.config, optimizer, self._params, self.therm.buffer.device)
+        self.step = 1
+        self.lr_scale = 1.0
+        self._verdicts: list[Verdict] = []  # this process's verdicts, for LR back-off regions
+        self._current_ids: list[int] = []
+        self._verdict: Verdict | None = None  # decided at this step's flush, acted on after the update
+        self._closed = False
+        self._sync_blacklist()
+        if not (resume and self._resume()):
+            self._save(0)  # the initial state: always a checkpoint to go back to
+            self.checkpoints.promote(self.checkpoints.config.good_after)  # nothing trained: healthy
+
+    @property
+    def rollbacks(self) -> int:
+        return self.watch.rollbacks
+
+    @property
+    def last_record(self):
+        """The newest flushed StepRecord (rank 0), for progress displays."""
+        return self.watch.last_record
+
+    # -- the three call points ---------------------------------------------------------------
+
+    def batches(self, max_steps: int | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield (step, batch) until `max_steps` is reached. A rollback moves `step` back and the
+        data position with it, so the loop simply carries on."""
+        while max_steps is None or self.step <= max_steps:
+            try:
+                batch, ids = self.data.next()
+            except StopIteration:  # a finite StatefulLoader ran out
+                return
+            self._current_ids = ids
+            self.watch.ledger.record(self.step, ids)
+            self.watch.heartbeat(self.step, ids)
+            yield self.step, batch
+
+    @property
+    def batch_ids(self) -> list[int]:
+        """The sample ids of the current step's global batch (every rank sees all of them)."""
+        return self._current_ids
+
+    def after_backward(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Record this step and decide rung 1 on the device. Call after ``loss.backward()`` and
+        any gradient clipping, before ``optimizer.step()``.
+
+        Args:
+            loss: this rank's loss.
+            grad_norm: the pre-clip global norm if you clip (what ``clip_grad_norm_`` returns).
+
+        Returns:
+            The device flag (1.0 = this step's update is skipped). Do not read it in the loop:
+            that is a host sync.
+        """
+        if grad_norm is None:
+            grad_norm, _ = grad_norm_and_nonfinite(self._params)
+        elif isinstance(grad_norm, DTensor):  # clip_grad_norm_ under FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        skipped = self.skip(loss, grad_norm)
+        self._verdict = self.watch.record(self.step, loss, grad_norm, skipped=skipped)
+        return skipped
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()`` (and the scheduler's): checkpoint, act on a verdict."""
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None:
+            self._rollback(verdict)
+            return
+        if self.step % self.config.checkpoint_every == 0:
+            self._save(self.step)
+        self.step += 1
+
+    # -- rollback ----------------------------------------------------------------------------
+
+    def _rollback(self, verdict: Verdict) -> None:
+        now = self.step
+        plan = self.watch.plan(verdict, now, ahead=self.data.peek(verdict.detection_step
+                                                                  + self.config.skip_after - now))
+        self._sync_blacklist()
+        out = self._restore(plan.target)
+        self._verdicts.append(verdict)
+        self._apply_lr_scale(out["extra"])
+        self.watch.rewind(plan.target.step, f"rollback: {verdict.message}")
+        self.watch.log_rollback(plan, now, "rollback", self.lr_scale)
+        self.step = plan.target.step + 1
+
+    def _apply_lr_scale(self, extra: dict) -> None:
+        """Back the LR off after repeated rollbacks in one region; re-apply the scale in force to
+        state restored from a checkpoint saved under another scale."""
+        cfg = self.config
+        last = self._verdicts[-1].detection_step
+        near = [v for v in self._verdicts if abs(v.detection_step - last) <= cfg.lr_backoff_region]
+        if cfg.lr_backoff < 1.0 and len(near) >= cfg.lr_backoff_after:
+            self.lr_scale *= cfg.lr_backoff
+            self._verdicts = []  # a fresh region count under the new LR
+        saved = float(extra.get("guard", {}).get("lr_scale", 1.0))
+        factor = self.lr_scale / saved
+        if factor != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
+            if self.scheduler is not None and hasattr(self.scheduler, "base_lrs"):
+                self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+
+    # -- checkpoints, resume, bookkeeping --------------------------------------------------------
+
+    def _save(self, step: int) -> None:
+        guard = {"lr_scale": self.lr_scale, "lrs": [g["lr"] for g in self.optimizer.param_groups]}
+        extra = {"thermometer": self.therm.state_dict(), "guard": guard}
+        # Step 0 is the initial state: the optimizer has no state yet, and saving it would make
+        # torch initialise it with a zero-LR step (advancing Adam's step count). Restoring step 0
+        # empties the optimizer state instead.
+        optimizer = self.optimizer if step > 0 else None
+        self.checkpoints.save(step, self.model, optimizer, self.scheduler,
+                              data=self.data.state_dict(), extra=extra)
+
+    def _restore(self, entry) -> dict:
+        initial = entry.step == 0
+        out = self.checkpoints.restore(entry, self.model, None if initial else self.optimizer, self.scheduler)
+        if initial:
+            inner = getattr(self.optimizer, "optim", self.optimizer)  # ZeroRedundancyOptimizer
+            inner.state.clear()
+            for group, lr in zip(self.optimizer.param_groups, out["extra"]["guard"]["lrs"]):
+                group["lr"] = lr
+        self.data.load_state_dict(out["data"])
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def _resume(self) -> bool:
+        entry = self.watch.newest_usable()
+        if entry is None:
+            return False
+        out = self._restore(entry)
+        self.lr_scale = float(out["extra"].get("guard", {}).get("lr_scale", 1.0))
+        self.watch.resumed(entry.step)
+        self.step = entry.step + 1
+        return True
+
+    def _sync_blacklist(self) -> None:
+        """Rank 0 reads blacklist.json; every rank gets the same set (samplers must agree)."""
+        ids = None
+        if self.rank0:
+            self.watch.blacklist.reload()
+            ids = sorted(self.watch.blacklist.ids)
+        ids = broadcast(ids)
+        self.data.set_blacklist(ids)
+
+    def close(self) -> None:
+        """Flush, remove the hooks and the optimizer mask. Every rank must call it."""
+        if self._closed:
+            return
+        self._closed = True
+        self.watch.close()
+        self.skip.remove()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,234 @@
+"""`Watch`: the decisions every loop shares (record, judge, plan a rollback, give up), with `Plan`,
+`newest_usable` and `broadcast`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch.nn as nn
+
+from thermo import _dist
+from thermo.checkpoints import CheckpointConfig, CheckpointEntry, Checkpoints
+from thermo.data import BatchLedger, Blacklist
+from thermo.detector import Detector, DetectorConfig, Verdict
+from thermo.guard.config import HEARTBEAT_NAME, DivergenceError, GuardConfig
+from thermo.thermometer import Thermometer, ThermometerConfig
+
+
+class Watch:
+    """What every loop thermo serves shares: a thermometer, the detector, the batch ledger, the
+    checkpoints and the blacklist, and the decisions over them. `Guard` (loops thermo owns) and
+    the framework adapters (`thermo.integrations`) are built on it, so the escalation lives once.
+
+    Every method is called on every rank alike; rank 0 decides and writes, and its decision
+    reaches the other ranks in a broadcast at the flush.
+
+    Args:
+        model: the model the thermometer attaches to.
+        run_dir: the run directory (default: ``$THERMO_RUN_DIR``).
+        config, thermometer, detector: configuration of each part.
+        checkpoints: a `CheckpointConfig`, or a ready `Checkpoints` (e.g. with a framework's
+            checkpoint backend).
+        sinks: extra record sinks (W&B) for the thermometer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        run_dir: str | os.PathLike | None = None,
+        *,
+        config: GuardConfig | None = None,
+        thermometer: ThermometerConfig | None = None,
+        detector: DetectorConfig | None = None,
+        checkpoints: CheckpointConfig | Checkpoints | None = None,
+        sinks=(),
+    ):
+        run_dir = run_dir if run_dir is not None else os.environ.get("THERMO_RUN_DIR")
+        if run_dir is None:
+            raise ValueError("thermo needs a run directory: pass run_dir= or set THERMO_RUN_DIR")
+        self.run_dir = Path(run_dir)
+        self.config = config or GuardConfig()
+        self.rank0 = _dist.is_rank0()
+        self.detector = Detector(detector)
+        self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
+        self.checkpoints = (checkpoints if isinstance(checkpoints, Checkpoints)
+                            else Checkpoints(self.run_dir, checkpoints))
+        tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
+        self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
+        self.store = self.therm.store  # rank 0 only
+        self.blacklist = Blacklist.load(self.run_dir) if self.rank0 else None
+        self.rollbacks = broadcast(self._past_rollbacks())  # every rank gives up alike
+        self.last_record = None  # the newest flushed StepRecord (rank 0), for progress displays
+
+    def _past_rollbacks(self) -> int:
+        if not self.rank0:
+            return 0
+        ev = self.store.events()
+        return int((ev["kind"] == "rollback").sum()) if len(ev) else 0
+
+    def record(self, step: int, loss, grad_norm, **scalars) -> Verdict | None:
+        """Record `step`; at a flush, write the ledger and judge. Returns the verdict (every rank
+        gets rank 0's) or None."""
+        flushes = self.therm.flushes
+        records = self.therm.step(loss, grad_norm=grad_norm, step=step, **scalars)
+        if self.therm.flushes == flushes:  # the same on every rank
+            return None
+        rows = self.ledger.pop_unwritten()
+        pending = None
+        if self.rank0:
+            self.store.write_ledger(self.therm.attempt, rows)
+            if records:
+                self.last_record = records[-1]
+                pending = self.detector.update(records)
+        verdict = broadcast(pending)
+        if verdict is None:
+            self.checkpoints.promote(step)
+        return verdict
+
+    def plan(self, verdict: Verdict, now: int, ahead: list[list[int]] = ()) -> Plan:
+        """What a verdict costs: record it, give up past `max_rollbacks`, mark the checkpoints
+        written after the onset bad, pick the newest good one before ``onset - rollback_margin``
+        (or before the onset), and blacklist the samples of ``[onset - skip_before,
+        detection + skip_after]`` read so far (`now` is the last step read) plus the batches
+        `ahead` of it.
+
+        Raises:
+            DivergenceError: past `max_rollbacks`, or with no good checkpoint before the onset.
+        """
+        cfg = self.config
+        if self.rank0:
+            self.store.event("verdict", verdict.message, step=verdict.detection_step, **verdict.to_dict())
+        if self.rollbacks >= cfg.max_rollbacks:
+            self.give_up(verdict)
+        self.checkpoints.mark_bad(verdict.onset_step)
+        # A checkpoint of step s holds update s, made from the batch of step s: the newest one
+        # untouched by the onset's batch is onset - 1.
+        target = self.checkpoints.newest_good(before_step=verdict.onset_step - cfg.rollback_margin)
+        if target is None:
+            target = self.checkpoints.newest_good(before_step=verdict.onset_step)
+        if target is None:
+            self.give_up(verdict, "no good checkpoint from before the onset")
+        # Batches at or before the target step are in its weights already: never theirs.
+        first = max(verdict.onset_step - cfg.skip_before, target.step + 1)
+        last = verdict.detection_step + cfg.skip_after
+        ids = set(self.ledger.ids_for(first, min(last, now)))
+        for batch in ahead[: max(0, last - now)]:
+            ids.update(batch)
+        ids = sorted(ids)
+        if self.rank0:
+            self.blacklist.add(ids, reason=verdict.message, verdict=verdict.to_dict(), source="guard")
+        self.rollbacks += 1
+        return Plan(verdict, target, ids, first, last)
+
+    def log_rollback(self, plan: Plan, now: int, action: str, lr_scale: float = 1.0) -> None:
+        """The ``rollback`` event (`action`: ``"rollback"`` in process, ``"stop"`` to resume)."""
+        if not self.rank0:
+            return
+        v, t = plan.verdict, plan.target.step
+        what = (f"rolled back from step {now} to checkpoint {t}" if action == "rollback"
+                else f"stopped at step {now} to resume from checkpoint {t}")
+        self.store.event(
+            "rollback", f"{what}; skipping {len(plan.ids)} samples of steps {plan.first}..{plan.last}",
+            step=now, from_step=now, to_step=t, onset_step=v.onset_step, detection_step=v.detection_step,
+            blacklisted=plan.ids, n_blacklisted=len(plan.ids), lr_scale=lr_scale, rollback=self.rollbacks,
+            action=action,
+        )
+
+    def heartbeat(self, step: int, ids: list[int] | None = None) -> None:
+        """What `thermo supervise` watches: the step in progress and (when the host knows them
+        without a sync) its sample ids. No fsync: it only has to be fresh, not durable."""
+        if not self.rank0:
+            return
+        path = self.run_dir / HEARTBEAT_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "attempt": self.therm.attempt,
+                                   "ids": ids or [], "time": time.time()}))
+        os.replace(tmp, path)
+
+    def rewind(self, step: int, reason: str) -> None:
+        """Continue the record after checkpoint `step`: a new attempt on the store's timeline."""
+        attempt = self.store.begin_attempt(step, reason) if self.rank0 else 0
+        self.therm.load_state_dict({"step": step + 1, "attempt": attempt})
+        self.detector.rewind(step)
+        self.ledger.rewind(step)
+
+    def resumed(self, step: int) -> None:
+        """This launch resumed from checkpoint `step`: the detector gets back the history it had
+        (the stored records up to `step`), so it is not blind for a warm-up after every restart."""
+        if self.rank0:
+            first = step - self.detector.horizon
+            history = [r for r in self.store.records(after_step=first) if r.step <= step]
+            self.detector.update(history)  # a verdict in there is an old one: rewind unlatches it
+        self.rewind(step, "restart")
+        if self.rank0:
+            self.store.event("restart", f"resumed from checkpoint {step}", step=step, reason="resume",
+                             checkpoint=step)
+
+    def newest_usable(self) -> CheckpointEntry | None:
+        return newest_usable(self.checkpoints)
+
+    def give_up(self, verdict: Verdict, why: str | None = None):
+        why = why or f"{self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks})"
+        msg = f"thermo gave up: {why}; last verdict: {verdict.message}"
+        if self.rank0:
+            self.store.event("give_up", msg, step=verdict.detection_step, reason=why)
+        raise DivergenceError(msg)
+
+    def close(self) -> None:
+        """Flush, judge the last partial window (nothing acts on it any more, but a verdict there
+        is recorded and condemns the checkpoints after its onset) and remove the hooks."""
+        records = self.therm.flush(wait=True)
+        verdict = self.detector.update(records) if self.rank0 and records else None
+        if verdict is not None:
+            self.store.event("verdict", f"after the last step: {verdict.message}",
+                             step=verdict.detection_step, **verdict.to_dict())
+            warnings.warn(f"thermo: the run ended diverging: {verdict.message}", RuntimeWarning, stacklevel=3)
+        verdict = broadcast(verdict)
+        if verdict is not None:
+            self.checkpoints.mark_bad(verdict.onset_step)
+        self.therm.close()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A verdict's repair, decided by `Watch.plan`: where to go back to and what to skip."""
+
+    verdict: Verdict
+    target: CheckpointEntry
+    ids: list[int]
+    first: int
+    last: int
+
+
+def newest_usable(checkpoints: Checkpoints) -> CheckpointEntry | None:
+    """After a restart: the newest intact checkpoint not marked bad (a crash says nothing
+    against the newest pending one; the supervisor marks bad what a verdict condemns). Rank 0
+    decides; every rank gets its answer."""
+    found = None
+    if _dist.is_rank0():
+        for e in sorted(checkpoints.entries, key=lambda e: -e.step):
+            if e.health == "bad":
+                continue
+            why = checkpoints.torn(e)
+            if why is None:
+                found = e
+                break
+            warnings.warn(f"thermo: checkpoint {checkpoints.run_dir / e.path} is unusable ({why}); "
+                          "resuming from an older one", RuntimeWarning, stacklevel=3)
+    return broadcast(found)
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (the object itself without a process group)."""
+    if not _dist.initialized() or _dist.world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)  # note: a host sync, once per flush
+    return box[0]

@@ -1,0 +1,69 @@
+"""One plotly figure builder per panel, shared by the live dashboard, the static report and W&B.
+
+Every builder takes a `thermo.store.Run` holding every attempt's rows (what
+``thermo.dashboard.read_run(run_dir)`` gives, and the dashboard and report use), so rolled-back
+rows can be drawn faintly; an effective-only `Run` works too. Each returns a
+``plotly.graph_objects.Figure``. Long series are cut to a few thousand points with `downsample`,
+which keeps every bin's minimum, maximum and first non-finite value, so a one-step spike or NaN
+in a million steps is still drawn. Non-finite values (NaN, ±inf) are never dropped silently:
+they are drawn as red markers along the top of the plot.
+
+========== ==================== ================================================================
+panel      builder              shows
+========== ==================== ================================================================
+loss       `loss_figure`        loss and grad norm per step (one row each), rolled-back branches
+                                faint, verdicts shaded onset..detection, rollback arrows
+heatmap    `heatmap_figure`     layers × steps, colour = a per-layer stat (act_max, act_min,
+                                attn_max...), rows in model order
+attention  `attention_figure`   attention-logit max per layer as lines, the fp16 overflow limit
+                                where relevant
+events     `events_figure`      table of verdicts, rollbacks, restarts, blacklist edits, skips
+========== ==================== ================================================================
+"""
+
+from __future__ import annotations
+
+from thermo.plots.downsampling import DEFAULT_MAX_POINTS, downsample, downsample_index
+from thermo.plots.layouts import (
+    DEFAULT_LAYOUT,
+    PANELS,
+    build_panel,
+    check_layout,
+    fmt,
+    load_layout,
+    panel_title,
+    run_summary,
+)
+from thermo.plots.panels import (
+    DEFAULT_MAX_COLS,
+    FP16_MAX,
+    attention_figure,
+    event_details,
+    events_figure,
+    heatmap_figure,
+    loss_figure,
+)
+from thermo.plots.shared import effective_mask, layer_order
+
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "DEFAULT_MAX_COLS",
+    "DEFAULT_MAX_POINTS",
+    "FP16_MAX",
+    "PANELS",
+    "attention_figure",
+    "build_panel",
+    "check_layout",
+    "downsample",
+    "downsample_index",
+    "effective_mask",
+    "event_details",
+    "events_figure",
+    "fmt",
+    "heatmap_figure",
+    "layer_order",
+    "load_layout",
+    "loss_figure",
+    "panel_title",
+    "run_summary",
+]

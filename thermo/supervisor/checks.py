@@ -1,0 +1,104 @@
+"""Checks before anything is started or written (the command, the run directory, the lock), and
+what the supervisor reads of the run directory between launches (checkpoints, heartbeat)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from thermo.guard import HEARTBEAT_NAME
+from thermo.store import Store
+from thermo.supervisor.config import SupervisorError
+
+LOCK_NAME = ".supervise.lock"
+
+
+def check_command(command: list[str]) -> None:
+    """Raise `SupervisorError` unless `command` names an executable program."""
+    if not command:
+        raise SupervisorError("no command to supervise: give it after '--', e.g. "
+                              "thermo supervise runs/a -- torchrun --nproc_per_node=2 train.py")
+    prog = command[0]
+    found = shutil.which(prog) if os.sep not in prog else (prog if os.access(prog, os.X_OK)
+                                                           and Path(prog).is_file() else None)
+    if found is None:
+        raise SupervisorError(f"command not found: {prog!r} (not an executable file"
+                              f"{'' if os.sep in prog else ' on PATH'}); check the command after '--'")
+
+
+def _check_same_run_dir(command: list[str], run_dir: Path) -> None:
+    """A command that names another run directory (``--run-dir X``) would never be seen."""
+    for i, arg in enumerate(command):
+        other = command[i + 1] if arg == "--run-dir" and i + 1 < len(command) else \
+            arg.partition("=")[2] if arg.startswith("--run-dir=") else None
+        if other and Path(other).absolute().resolve() != run_dir.resolve():
+            raise SupervisorError(f"the command writes to --run-dir {other} but thermo supervise watches "
+                                  f"{run_dir}: give both the same directory (or drop --run-dir: the "
+                                  "command gets THERMO_RUN_DIR)")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise a one-line error if the run directory cannot be used: not a writable folder, or its
+    store, manifest or blacklist is broken, foreign or from a newer thermo. Creates the folder
+    (and nothing else) only once everything else checked out."""
+    from thermo.checkpoints import MANIFEST_NAME
+    from thermo.data import Blacklist
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SupervisorError(f"run directory {run_dir} exists and is not a folder; choose another path")
+    if (run_dir / "thermo.db").exists():
+        Store(run_dir, readonly=True).close()  # StoreError: foreign, torn or newer
+    if (run_dir / MANIFEST_NAME).exists() or (run_dir / "checkpoints").is_dir():
+        _checkpoints(run_dir, must=True)  # RunDirError: broken, or folders without a manifest
+    if run_dir.is_dir():
+        Blacklist.load(run_dir)  # RunDirError: malformed or newer
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise SupervisorError(f"run directory {run_dir} is not writable ({e.strerror or e}); "
+                              "choose a writable path") from None
+
+
+def _checkpoints(run_dir: Path, must: bool = False):
+    """The run's `Checkpoints`, or None where there is no manifest (a loop without a Guard)."""
+    from thermo.checkpoints import MANIFEST_NAME, Checkpoints
+
+    if not must and not (run_dir / MANIFEST_NAME).exists():
+        return None  # never create one: Checkpoints writes an empty manifest where none exists
+    return Checkpoints(run_dir)
+
+
+def _newest_usable(run_dir: Path) -> int | None:
+    """The checkpoint a Guard will resume from: the newest intact one not marked bad."""
+    ckpts = _checkpoints(run_dir)
+    if ckpts is None:
+        return None
+    for e in sorted(ckpts.entries, key=lambda e: -e.step):
+        if e.health != "bad" and ckpts.torn(e) is None:
+            return e.step
+    return None
+
+
+def _lock(run_dir: Path) -> int:
+    """One supervisor per run directory (the lock goes with the process, however it dies)."""
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SupervisorError(f"another thermo supervise is already watching {run_dir}") from None
+    return fd
+
+
+def _read_heartbeat(run_dir: Path) -> dict | None:
+    try:
+        beat = json.loads((run_dir / HEARTBEAT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return beat if isinstance(beat, dict) and isinstance(beat.get("time"), (int, float)) else None
