@@ -9,7 +9,7 @@ removes every hook. Then look at the run::
     thermo inspect runs/dropin
     thermo report runs/dropin -o runs/dropin/report.html
 
-For rollback-and-skip as well, use `thermo.Guard` (docs/use-with-your-loop.md).
+For rollback-and-skip as well, use `thermo.Guard` (the README, "Use with your loop").
 """
 
 from __future__ import annotations

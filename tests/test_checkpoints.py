@@ -1,5 +1,5 @@
 """Checkpoints: DCP save/restore, the manifest's health and retention, broken run dirs
-(thermo/checkpoints.py)."""
+(thermo/checkpoints/)."""
 
 from __future__ import annotations
 

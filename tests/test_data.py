@@ -1,4 +1,4 @@
-"""Blacklist file, resumable sampler, batch ledger and stateful-loader wrapper (thermo/data.py)."""
+"""Blacklist file, resumable sampler, batch ledger and stateful-loader wrapper (thermo/data/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for thermo/detector.py: each rule alone on fixed sequences, streaming invariances, state
+"""Tests for thermo/detector/: each rule alone on fixed sequences, streaming invariances, state
 round trips, offline replay, and real recorded runs (poisoned, healthy, fp16 high learning rate)."""
 
 from __future__ import annotations

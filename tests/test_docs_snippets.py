@@ -1,4 +1,4 @@
-"""The "Use with your loop" snippets of docs/use-with-your-loop.md run as written, on a small GPT,
+"""The "Use with your loop" snippets of the README run as written, on a small GPT,
 and examples/dropin.py runs and writes a store. (The FSDP2, ZeRO-1 and DeepSpeed snippets need 2
 ranks: tests/test_integration_deepspeed.py runs them in its torchrun launch.)"""
 
@@ -15,7 +15,7 @@ from tests.dist.ds_guard import snippet, snippets
 from thermo.corpus import TokenDataset, stdlib_bytes
 from thermo.gpt import GPT, GPTConfig
 
-DOC = ROOT / "docs" / "use-with-your-loop.md"
+DOC = ROOT / "README.md"
 
 
 def gpt():

@@ -27,7 +27,7 @@ def test_zero2_two_ranks_rollback_through_engine_checkpoint(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "out.json"
     torchrun(ROOT / "tests/dist/ds_guard.py", "--root", tmp_path, "--out", out, "--stage", "2",
-             "--steps", "80", "--poison-steps", "50-52", "--snippets", ROOT / "docs/use-with-your-loop.md",
+             "--steps", "80", "--poison-steps", "50-52", "--snippets", ROOT / "README.md",
              timeout=300)
     res = json.loads(out.read_text())
     guarded, clean = res["guarded"], res["clean"]

@@ -1,4 +1,4 @@
-"""The panel builders in thermo/plots.py, on real runs and on fixed signal sequences."""
+"""The panel builders in thermo/plots/, on real runs and on fixed signal sequences."""
 
 from __future__ import annotations
 

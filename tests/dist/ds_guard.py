@@ -11,7 +11,7 @@ Rank 0 writes what happened to --out; every rank reports its own view (steps, ro
 checksum of its weights) so the test can check that the ranks acted together.
 
 With --snippets, the same launch also runs the FSDP2, ZeRO-1 and DeepSpeed snippets of
-docs/use-with-your-loop.md on both ranks (`snippets` extracts them).
+the README's "Use with your loop" section on both ranks (`snippets` extracts them).
 """
 
 from __future__ import annotations
