@@ -157,7 +157,9 @@ class ActivationHook:
         return None
 
     def _grad_hook(self, grad: torch.Tensor) -> None:
-        update_max(self.grad_amax, grad.detach().abs().amax())
+        # max |g| as max(max g, -min g): one pass and no |g| temporary (abs().amax() makes one).
+        mn, mx = torch.aminmax(grad.detach())
+        update_max(self.grad_amax, torch.maximum(mx, -mn))
         return None  # returning a tensor would replace the gradient
 
 

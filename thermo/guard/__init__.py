@@ -26,7 +26,7 @@ from thermo.guard.config import (
 )
 from thermo.guard.guard import Guard
 from thermo.guard.skip import _DeviceSkip as _DeviceSkip
-from thermo.guard.watch import Plan, Watch, broadcast, newest_usable
+from thermo.guard.watch import Plan, Watch, broadcast, newest_usable, rollback_target, skip_window
 
 __all__ = [
     "EXIT_DIVERGED",
@@ -38,4 +38,6 @@ __all__ = [
     "Watch",
     "broadcast",
     "newest_usable",
+    "rollback_target",
+    "skip_window",
 ]

@@ -106,16 +106,10 @@ class Watch:
         if self.rollbacks >= cfg.max_rollbacks:
             self.give_up(verdict)
         self.checkpoints.mark_bad(verdict.onset_step)
-        # A checkpoint of step s holds update s, made from the batch of step s: the newest one
-        # untouched by the onset's batch is onset - 1.
-        target = self.checkpoints.newest_good(before_step=verdict.onset_step - cfg.rollback_margin)
-        if target is None:
-            target = self.checkpoints.newest_good(before_step=verdict.onset_step)
+        target = rollback_target(self.checkpoints, verdict, cfg.rollback_margin)
         if target is None:
             self.give_up(verdict, "no good checkpoint from before the onset")
-        # Batches at or before the target step are in its weights already: never theirs.
-        first = max(verdict.onset_step - cfg.skip_before, target.step + 1)
-        last = verdict.detection_step + cfg.skip_after
+        first, last = skip_window(verdict, target.step, cfg.skip_before, cfg.skip_after)
         ids = set(self.ledger.ids_for(first, min(last, now)))
         for batch in ahead[: max(0, last - now)]:
             ids.update(batch)
@@ -203,6 +197,20 @@ class Plan:
     ids: list[int]
     first: int
     last: int
+
+
+def rollback_target(checkpoints: Checkpoints, verdict: Verdict, margin: int) -> CheckpointEntry | None:
+    """The newest good checkpoint before ``onset - margin``, else before the onset, else None.
+    A checkpoint of step s holds update s, made from the batch of step s: the newest one
+    untouched by the onset's batch is onset - 1. A collective (rank 0 reads the manifest)."""
+    return (checkpoints.newest_good(before_step=verdict.onset_step - margin)
+            or checkpoints.newest_good(before_step=verdict.onset_step))
+
+
+def skip_window(verdict: Verdict, target_step: int, before: int, after: int) -> tuple[int, int]:
+    """The steps whose samples a verdict blacklists: ``[onset - before, detection + after]``,
+    never at or before the restored step (those batches are in its weights already)."""
+    return max(verdict.onset_step - before, target_step + 1), verdict.detection_step + after
 
 
 def newest_usable(checkpoints: Checkpoints) -> CheckpointEntry | None:

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from thermo.guard import HEARTBEAT_NAME
+from thermo.guard import HEARTBEAT_NAME, newest_usable
 from thermo.store import Store
 from thermo.supervisor.config import SupervisorError
 
@@ -77,12 +77,8 @@ def _checkpoints(run_dir: Path, must: bool = False):
 def _newest_usable(run_dir: Path) -> int | None:
     """The checkpoint a Guard will resume from: the newest intact one not marked bad."""
     ckpts = _checkpoints(run_dir)
-    if ckpts is None:
-        return None
-    for e in sorted(ckpts.entries, key=lambda e: -e.step):
-        if e.health != "bad" and ckpts.torn(e) is None:
-            return e.step
-    return None
+    entry = newest_usable(ckpts) if ckpts is not None else None
+    return None if entry is None else entry.step
 
 
 def _lock(run_dir: Path) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from thermo.detector import DetectorConfig, Verdict
+from thermo.guard.config import GuardConfig
 
 
 class SupervisorError(RuntimeError):
@@ -48,9 +49,10 @@ class SupervisorConfig:
     detect: bool = True
     detector: DetectorConfig | None = None
     verdict_grace: float = 10.0
-    rollback_margin: int = 10
-    skip_before: int = 20
-    skip_after: int = 10
+    # The Guard's defaults: a verdict costs the same, repaired in process or from outside.
+    rollback_margin: int = GuardConfig.rollback_margin
+    skip_before: int = GuardConfig.skip_before
+    skip_after: int = GuardConfig.skip_after
     restart_delay: float = 1.0
     status_every: float = 60.0
 

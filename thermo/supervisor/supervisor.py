@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from thermo.detector import Verdict
-from thermo.guard import EXIT_DIVERGED
+from thermo.guard import EXIT_DIVERGED, rollback_target, skip_window
 from thermo.store import Store
 from thermo.supervisor.checks import (
     _check_same_run_dir,
@@ -298,16 +298,14 @@ class Supervisor:
         ckpts = _checkpoints(self.run_dir)
         target = None
         if ckpts is not None:
-            target = (ckpts.newest_good(before_step=v.onset_step - cfg.rollback_margin)
-                      or ckpts.newest_good(before_step=v.onset_step))
+            target = rollback_target(ckpts, v, cfg.rollback_margin)
             if target is None:
                 return f"no good checkpoint from before the onset step {v.onset_step}; {launch.why}"
             bad = ckpts.mark_bad(v.onset_step, f"written at or after the onset step {v.onset_step} "
                                  f"(thermo supervise: {v.message})")
             bad += ckpts.mark_bad(target.step + 1, f"superseded: thermo supervise restarts from step {target.step}")
             self._restart_info.update(checkpoint=target.step, bad=sorted(bad))
-        first = max(v.onset_step - cfg.skip_before, (target.step + 1) if target else 0)
-        last = v.detection_step + cfg.skip_after
+        first, last = skip_window(v, target.step if target else -1, cfg.skip_before, cfg.skip_after)
         ids = {i for row in self.store.ledger(first, last).values() for i in row}
         if launch.current is not None and first <= launch.current <= last:
             ids.update(launch.ids)  # the step in progress: not in the ledger until its flush
