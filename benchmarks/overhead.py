@@ -1,9 +1,10 @@
 """Step-time overhead of monitoring, on the machine it runs on.
 
 Trains identical copies of a ~10M-parameter GPT (6 layers, d=384, seq 128, batch 8, fp32,
-AdamW), one per configuration, and alternates configurations in rounds so that drift in the
-machine's speed hits all of them alike. Prints the median step time of each and its ratio to
-no monitoring:
+AdamW), one per configuration, interleaved step by step on the same batches, so that drift in the
+machine's speed hits all of them alike; a second unmonitored copy shows the noise floor. Prints
+the median and the mean step time of each (the mean includes thermo's flush every 10th step) and
+their ratios to no monitoring:
 
   none           plain training step
   thermo         thermo.Thermometer with defaults
@@ -15,8 +16,8 @@ no monitoring:
 
 and, with --attn-sweep, thermo's overhead for several `attn_every` values (the default's basis).
 
-    python benchmarks/overhead.py                 # ~5 minutes on 2 CPU cores
-    python benchmarks/overhead.py --rounds 3 --steps 5 --quick
+    python benchmarks/overhead.py --compile       # ~15 minutes on 2 CPU cores
+    python benchmarks/overhead.py --steps 5 --quick
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class HandHooks:
     """The common hand-written monitor: one host read per statistic per layer per step."""
 
     def __init__(self, model: nn.Module):
+        self.model = model
         self.stats: dict[str, float] = {}
         self.handles = [
             m.register_forward_hook(self._hook(n))
@@ -61,62 +63,75 @@ class HandHooks:
 
         return hook
 
-    def step(self, model, loss):
+    def step(self, loss):
         self.stats["loss"] = loss.item()
         self.stats["grad_norm"] = torch.nn.utils.get_total_norm(
-            [p.grad for p in model.parameters() if p.grad is not None]).item()
+            [p.grad for p in self.model.parameters() if p.grad is not None]).item()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 class Config:
-    def __init__(self, name, setup):
+    """A way of monitoring, attached to its own copy of the model (same weights, same batches)."""
+
+    def __init__(self, name, attach, compile: bool = False):
         self.name = name
         self.model = make_model()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4)
-        self.after_backward = setup(self.model)
+        self.after_backward, self.detach = attach(self.model)
+        self.forward = torch.compile(self.model) if compile else self.model
         self.times: list[float] = []
 
-    def run(self, batches):
-        for x, y in batches:
-            t = time.perf_counter()
-            _, loss = self.model(x, y)
-            loss.backward()
-            self.after_backward(loss)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+    def step(self, x, y, timed: bool) -> None:
+        t = time.perf_counter()
+        _, loss = self.forward(x, y)
+        loss.backward()
+        self.after_backward(loss)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if timed:
             self.times.append(time.perf_counter() - t)
 
 
-def configs(tmp: str, attn_sweep: list[int], with_wandb: bool):
+def configs(tmp: str, attn_sweep: list[int], with_wandb: bool, compiled: bool) -> list[Config]:
     def none(model):
-        return lambda loss: None
+        return (lambda loss: None), (lambda: None)
 
     def thermo_with(**kw):
-        def setup(model):
+        def attach(model):
             therm = thermo.Thermometer(model, run_dir=tempfile.mkdtemp(dir=tmp), **kw)
-            return lambda loss: therm.step(loss)
+            return therm.step, therm.close
 
-        return setup
+        return attach
 
     def hand(model):
         hooks = HandHooks(model)
-        return lambda loss: hooks.step(model, loss)
+        return hooks.step, hooks.remove
 
     def wandb_watch(model):
         import wandb
 
-        # wandb.watch logs through the global run, so this is the one wandb run of the process.
-        wandb.init(project="thermo-overhead", mode="offline", dir=tmp)
+        if wandb.run is None:  # wandb.watch logs through the global run: one for the process
+            wandb.init(project="thermo-overhead", mode="offline", dir=tmp)
         wandb.watch(model, log="all", log_freq=1)
-        return lambda loss: wandb.log({"loss": loss.item()})
+        return (lambda loss: wandb.log({"loss": loss.item()})), (lambda: wandb.unwatch(model))
 
     out = [
         Config("none", none),
+        Config("none, again (noise floor)", none),
         Config("thermo", thermo_with()),
         Config("thermo-all", thermo_with(attn_every=1, attn_per_head=True, grad="all", count_nonfinite=True)),
         Config("hand-.item()", hand),
     ]
     if with_wandb:
         out.append(Config("wandb.watch", wandb_watch))
+    if compiled:
+        # torch.compile (inductor): thermo attaches first, then the model is compiled; the hooks'
+        # reductions fuse into the kernels that produce the activations.
+        out.append(Config("none (compiled)", none, compile=True))
+        out.append(Config("thermo (compiled)", thermo_with(), compile=True))
     for k in attn_sweep:
         out.append(Config(f"thermo attn_every={k}", thermo_with(attn_every=k)))
     return out
@@ -124,14 +139,16 @@ def configs(tmp: str, attn_sweep: list[int], with_wandb: bool):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=8, help="rounds of alternation")
-    ap.add_argument("--steps", type=int, default=10, help="steps per configuration per round")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
-    ap.add_argument("--attn-sweep", default="1,5,10,20,50",
+    ap.add_argument("--steps", type=int, default=80, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first")
+    ap.add_argument("--attn-sweep", default="1,10,50",
                     help="attn_every values to time as well ('' for none)")
     ap.add_argument("--no-wandb", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time both under torch.compile")
     ap.add_argument("--quick", action="store_true", help="smaller data read, for a smoke run")
     args = ap.parse_args()
+    if args.compile:  # the first steps compile (sampled and unsampled steps are two graphs)
+        args.warmup = max(args.warmup, 12)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -139,31 +156,35 @@ def main():
     g = torch.Generator().manual_seed(0)
     sweep = [int(k) for k in args.attn_sweep.split(",") if k]
     with tempfile.TemporaryDirectory() as tmp:
-        cfgs = configs(tmp, sweep, with_wandb=not args.no_wandb)
+        cfgs = configs(tmp, sweep, with_wandb=not args.no_wandb, compiled=args.compile)
         n_params = sum(p.numel() for p in cfgs[0].model.parameters())
-
-        def draw(n):
-            return [data.batch(torch.randint(0, len(data), (8,), generator=g).tolist()) for _ in range(n)]
-
+        # Every configuration runs one step on the same batch, then the next batch; the order
+        # rotates each step. This machine's speed moves in phases of tens of steps (±20%), which
+        # blocks of steps per configuration would turn into fake differences.
+        for i in range(args.warmup + args.steps):
+            x, y = data.batch(torch.randint(0, len(data), (8,), generator=g).tolist())
+            k = i % len(cfgs)
+            for c in cfgs[k:] + cfgs[:k]:
+                c.step(x, y, timed=i >= args.warmup)
+            if (i + 1) % 10 == 0:
+                print(f"step {i + 1}/{args.warmup + args.steps}", file=sys.stderr)
         for c in cfgs:
-            c.run(draw(args.warmup))
-            c.times.clear()
-        for r in range(args.rounds):
-            batches = draw(args.steps)  # every configuration trains on the same batches
-            order = cfgs if r % 2 == 0 else cfgs[::-1]
-            for c in order:
-                c.run(batches)
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    base = statistics.median(cfgs[0].times)
+            c.detach()
+        cfgs_by_name = {c.name: c for c in cfgs}
+    base = cfgs[0].times
     print(f"\nthermo overhead benchmark — {datetime.date.today()} — {platform.node()} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")
     print(f"GPT {n_params / 1e6:.1f}M params, 6 layers, d=384, seq 128, batch 8, fp32, AdamW; "
-          f"{args.rounds} rounds x {args.steps} steps, medians")
-    print(f"{'configuration':<24} {'median ms/step':>15} {'ratio':>8}")
+          f"{args.steps} steps each, interleaved step by step")
+    print("ratio: median over steps of (this step time / the unmonitored step time on the same batch);")
+    print("mean ratio: the same over the mean step times (includes thermo's flush every 10th step)\n")
+    print(f"{'configuration':<30} {'median ms':>10} {'ratio':>7} {'mean ratio':>11}")
     for c in cfgs:
-        med = statistics.median(c.times)
-        print(f"{c.name:<24} {med * 1e3:>15.1f} {med / base:>7.3f}x")
+        ref = base if not c.name.endswith("(compiled)") else cfgs_by_name["none (compiled)"].times
+        ratio = statistics.median(a / b for a, b in zip(c.times, ref))
+        mean_ratio = statistics.fmean(c.times) / statistics.fmean(ref)
+        print(f"{c.name:<30} {statistics.median(c.times) * 1e3:>10.1f} {ratio:>6.3f}x {mean_ratio:>10.3f}x")
 
 
 if __name__ == "__main__":
