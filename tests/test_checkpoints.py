@@ -198,6 +198,23 @@ def test_retention_keeps_last_k_plus_newest_good_and_drops_bad_and_strays(tmp_pa
     assert folders(tmp_path) == ["notes", "step_00000010", "step_00000030", "step_00000050"]
 
 
+def test_retention_keeps_a_good_checkpoint_from_before_the_horizon(tmp_path):
+    """A verdict's onset can lie far back (the growth rule walks back up to 200 steps): keep a good
+    checkpoint old enough for it, or the oldest good one when none is that old."""
+    ckpts = Checkpoints(tmp_path, keep_last=2, good_after=0, horizon=45)
+    for step in (0, 20, 40):
+        save_steps(ckpts, [step])
+        ckpts.promote(step)  # as the Guard does at each healthy flush
+    assert [e.step for e in ckpts.entries] == [0, 20, 40]  # nothing is 45 steps older than 40: keep 0
+    for step in (60, 80, 100):
+        save_steps(ckpts, [step])
+        ckpts.promote(step)
+    save_steps(ckpts, [120])
+    # 100, 120: the last 2; 80, 100: good within 45 steps of 120; 60: the newest good before that.
+    assert [e.step for e in ckpts.entries] == [60, 80, 100, 120]
+    assert ckpts.newest_good(before_step=75 - 10).step == 60  # an onset at 75, margin 10
+
+
 def test_restore_supersedes_later_checkpoints(tmp_path):
     ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
     save_steps(ckpts, [10, 20, 30])

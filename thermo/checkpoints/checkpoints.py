@@ -258,9 +258,17 @@ class Checkpoints:
     def _retain(self) -> None:
         live = sorted((e for e in self._entries if e.health != "bad"), key=lambda e: e.step)
         keep = {e.step for e in live[-self.config.keep_last :]}
-        good = [e.step for e in self._entries if e.health == "good"]
+        good = sorted(e.step for e in self._entries if e.health == "good")
         if good:
-            keep.add(max(good))
+            keep.add(good[-1])
+            if self.config.horizon and live:
+                # A verdict's onset can lie up to `horizon` steps back: keep every good checkpoint
+                # in that window and the newest one before it (the oldest good one if none is
+                # that old), so each onset the detector can report has one to return to.
+                edge = live[-1].step - self.config.horizon
+                keep.update(s for s in good if s >= edge)
+                older = [s for s in good if s < edge]
+                keep.add(older[-1] if older else good[0])
         dropped = [e for e in self._entries if e.step not in keep]
         if dropped:
             self._entries = [e for e in self._entries if e.step in keep]

@@ -56,8 +56,13 @@ class Watch:
         self.rank0 = _dist.is_rank0()
         self.detector = Detector(detector)
         self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
-        self.checkpoints = (checkpoints if isinstance(checkpoints, Checkpoints)
-                            else Checkpoints(self.run_dir, checkpoints))
+        if not isinstance(checkpoints, Checkpoints):
+            ckpt_cfg = checkpoints or CheckpointConfig()
+            if not ckpt_cfg.horizon:  # keep what the furthest onset the detector reports needs
+                ckpt_cfg = replace(ckpt_cfg, horizon=self.detector.config.onset_lookback
+                                   + self.config.rollback_margin)
+            checkpoints = Checkpoints(self.run_dir, ckpt_cfg)
+        self.checkpoints = checkpoints
         tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
         self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
         self.store = self.therm.store  # rank 0 only
