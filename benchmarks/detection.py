@@ -307,6 +307,7 @@ def recover_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: boo
     samples the Guard skipped. One row per run, for thermo's row of the table."""
     from thermo.data import Blacklist
     from thermo.guard import DivergenceError
+    from thermo.store import Store
     from thermo.train_gpt import parse_args, train
 
     rows = []
@@ -325,7 +326,11 @@ def recover_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: boo
                 s = train(parse_args(_guard_args(sc, base / "guarded")))
                 row.update(finished=True, rollbacks=s.rollbacks, steps_lost=s.steps_lost, final=s.final_loss)
             except DivergenceError:
-                row.update(finished=False, rollbacks=None, steps_lost=None, final=None)
+                with Store(base / "guarded", readonly=True) as store:
+                    events = store.events()
+                gave_up = events[events.kind == "give_up"]
+                row.update(finished=False, rollbacks=int((events.kind == "rollback").sum()), steps_lost=None,
+                           final=None, gave_up_at=int(gave_up.step.iloc[-1]) if len(gave_up) else None)
             if kind == "poison" and row["finished"]:
                 skipped = Blacklist.load(base / "guarded").ids
                 (base / "clean").mkdir(parents=True)
