@@ -17,7 +17,7 @@ import torch
 import thermo
 from thermo._io import RunDirError
 from thermo.data import Blacklist, ResumableSampler
-from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig, _DeviceSkip
+from thermo.guard import EXIT_DIVERGED, Guard, GuardConfig, _DeviceSkip
 from thermo.train_gpt import main as train_main
 from thermo.train_gpt import parse_args, train
 

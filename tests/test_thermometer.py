@@ -4,7 +4,6 @@ flushes; removable; works under torch.compile."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
