@@ -172,8 +172,13 @@ class Watch:
         return newest_usable(self.checkpoints)
 
     def give_up(self, verdict: Verdict, why: str | None = None):
-        why = why or f"{self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks})"
-        msg = f"thermo gave up: {why}; last verdict: {verdict.message}"
+        hint = ""
+        if why is None:
+            why = f"{self.rollbacks} rollbacks (max_rollbacks={self.config.max_rollbacks})"
+            if self.rollbacks:
+                hint = (". Rolling back and skipping data did not cure it, so the cause is likely not the "
+                        "data: try a lower learning rate or a longer warm-up")
+        msg = f"thermo gave up: {why}; last verdict: {verdict.message}{hint}"
         if self.rank0:
             self.store.event("give_up", msg, step=verdict.detection_step, reason=why)
         raise DivergenceError(msg)
