@@ -253,6 +253,32 @@ def test_torn_or_deleted_folder_falls_back_to_older_good_with_warning(tmp_path, 
     assert torch.equal(m.weight, tiny()[0].weight)
 
 
+def test_manifest_names_the_backend_that_wrote_the_folders(tmp_path):
+    class Pickled:  # a framework's own format: one torch.save'd file per folder
+        name = "pickled"
+
+        def save(self, path, model, optimizer, scheduler, rng):
+            path.mkdir()
+            torch.save(model.state_dict(), path / "model.pt")
+
+        def load(self, path, model, optimizer, scheduler, rng):
+            model.load_state_dict(torch.load(path / "model.pt"))
+
+        def torn(self, path):
+            return None if (path / "model.pt").is_file() else "model.pt is missing"
+
+    ckpts = Checkpoints(tmp_path / "a", backend=Pickled(), good_after=0)
+    save_steps(ckpts, [10])
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["backend"] == "pickled"
+    assert Checkpoints(tmp_path / "a").written_by == "pickled"  # read back by a process without it
+    save_steps(Checkpoints(tmp_path / "b", good_after=0), [10])
+    assert Checkpoints(tmp_path / "b").written_by == "dcp"
+    # A manifest from before the field was DCP's.
+    m = tmp_path / "b" / "manifest.json"
+    m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "backend"}))
+    assert Checkpoints(tmp_path / "b").written_by == "dcp"
+
+
 def test_stray_folder_is_never_loaded(tmp_path):
     ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
     save_steps(ckpts, [10])

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -356,7 +357,7 @@ def test_a_thermometer_only_loop_is_protected_by_the_store(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_framework_adapter_stopping_to_resume_is_relaunched(tmp_path):
+def test_a_framework_adapter_stopping_to_resume_is_relaunched(tmp_path, recwarn):
     """The Lightning callback stops on a verdict and exits 0: the supervisor relaunches it."""
     pytest.importorskip("lightning")
     run = tmp_path / "r"
@@ -367,6 +368,45 @@ def test_a_framework_adapter_stopping_to_resume_is_relaunched(tmp_path):
     kinds = list(events(run)["kind"])
     assert kinds.count("rollback") == 1 and "restart" in kinds
     assert thermo.load(run).scalars["step"].max() == 100
+    # The supervisor judged Lightning's checkpoints as Lightning's, not as torn DCP folders.
+    assert not [w for w in recwarn if "unusable" in str(w.message)]
+    assert json.loads((run / "manifest.json").read_text())["backend"] == "lightning"
+
+
+def test_the_supervisor_reads_checkpoints_it_cannot_load(tmp_path):
+    """A framework adapter's checkpoints (here a made-up format): the supervisor cannot build
+    their backend, so it checks what every backend shares and leaves the rest to the trainer."""
+    from thermo.checkpoints import Checkpoints
+    from thermo.supervisor.checks import _checkpoints, _newest_usable
+
+    class Framework:
+        name = "framework"
+
+        def save(self, path, model, optimizer, scheduler, rng):
+            path.mkdir()
+            (path / "weights.bin").write_bytes(b"w")
+
+        def load(self, path, model, optimizer, scheduler, rng):
+            raise AssertionError("not loaded here")
+
+        def torn(self, path):
+            return None
+
+    ckpts = Checkpoints(tmp_path, backend=Framework(), good_after=0)
+    model = torch.nn.Linear(2, 2)
+    for step in (0, 20, 40):
+        ckpts.save(step, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _newest_usable(tmp_path) == 40
+    (tmp_path / "checkpoints" / "step_00000040" / "thermo.json").unlink()  # torn, whatever the format
+    with pytest.warns(RuntimeWarning, match="step_00000040 is unusable"):
+        assert _newest_usable(tmp_path) == 20
+    view = _checkpoints(tmp_path)
+    view.mark_bad(20, "a verdict's onset")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["backend"] == "framework"  # rewritten by the supervisor, still the writer's
+    assert [e["health"] for e in manifest["checkpoints"]] == ["pending", "bad", "bad"]
 
 
 # -- stopping --------------------------------------------------------------------------------

@@ -22,10 +22,14 @@ class CheckpointBackend(Protocol):
     manifest, ``thermo.json`` (data positions, thermo's state), health and retention; the backend
     only fills the folder. Every method is called on every rank, together.
 
-    `save` gets an empty folder (created on rank 0 before a barrier). `load` changes the live
-    objects in place; it must check what it can before changing anything. `torn` says why the
-    folder cannot be loaded (missing or short files) or returns None; it runs on rank 0 only.
+    `save` gets the path of a folder that does not exist yet (its parent does) and creates it.
+    `load` changes the live objects in place; it must check what it can before changing anything.
+    `torn` says why the folder cannot be loaded (missing or short files) or returns None; it runs
+    on rank 0 only. `name` is recorded in the manifest, so that a process without the live objects
+    (``thermo supervise``) knows who wrote the folders.
     """
+
+    name: str
 
     def save(self, path: Path, model: Any, optimizer: Any, scheduler: Any, rng: bool) -> None: ...
 
@@ -34,9 +38,16 @@ class CheckpointBackend(Protocol):
     def torn(self, path: Path) -> str | None: ...
 
 
+def backend_name(backend: CheckpointBackend) -> str:
+    """What the manifest records of `backend` (a backend without `name`: its class name)."""
+    return getattr(backend, "name", type(backend).__name__)
+
+
 class DCPBackend:
     """The default backend: model, optimizer, scheduler and each rank's RNG through
     ``torch.distributed.checkpoint`` (plain, DDP, FSDP2, DDP + ZeroRedundancyOptimizer)."""
+
+    name = "dcp"
 
     def save(self, path: Path, model, optimizer, scheduler, rng: bool) -> None:
         import torch.distributed.checkpoint as dcp

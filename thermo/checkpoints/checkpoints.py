@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from thermo import _dist
 from thermo._io import RunDirError, atomic_write_json, read_json
-from thermo.checkpoints.backends import CheckpointBackend, DCPBackend
+from thermo.checkpoints.backends import CheckpointBackend, DCPBackend, backend_name
 from thermo.checkpoints.config import CheckpointConfig
 from thermo.checkpoints.manifest import (
     MANIFEST_NAME,
@@ -68,6 +68,7 @@ class Checkpoints:
         self.backend = backend if backend is not None else DCPBackend()
         self.dir = self.run_dir / self.config.folder
         self.manifest_path = self.run_dir / MANIFEST_NAME
+        self.written_by = backend_name(self.backend)  # the manifest's "backend", once read
         # Every rank reads (so every rank raises alike on a broken manifest); rank 0 writes.
         self._entries = self._read_manifest()
         if self._entries is None:
@@ -94,10 +95,14 @@ class Checkpoints:
                 )
             return None
         fix = "Restore it from a backup or fix it; the checkpoint folders were left untouched."
-        return _parse_manifest(read_json(self.manifest_path, "checkpoint manifest", fix), self, fix)
+        obj = read_json(self.manifest_path, "checkpoint manifest", fix)
+        entries = _parse_manifest(obj, self, fix)
+        written_by = obj.get("backend", DCPBackend.name)  # manifests before the field: DCP's
+        self.written_by = written_by if isinstance(written_by, str) else DCPBackend.name
+        return entries
 
     def _write_manifest(self) -> None:
-        _write_manifest(self.manifest_path, self._entries)
+        _write_manifest(self.manifest_path, self._entries, backend_name(self.backend))
 
     def _update(self, change) -> list[int]:
         """Apply `change(entry) -> new entry or None` on rank 0; write if anything changed."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thermo._io import RunDirError, atomic_write_json, read_json
-from thermo.checkpoints.backends import CheckpointBackend, DCPBackend
+from thermo.checkpoints.backends import CheckpointBackend, DCPBackend, backend_name
 from thermo.checkpoints.config import CheckpointConfig
 
 if TYPE_CHECKING:
@@ -68,16 +68,17 @@ def rebuild_manifest(
                 note="rebuilt by rebuild_manifest: health unknown",
             )
         )
-    _write_manifest(manifest, entries)
+    _write_manifest(manifest, entries, backend_name(backend))
     return entries
 
 
-def _write_manifest(path: Path, entries: list[CheckpointEntry]) -> None:
+def _write_manifest(path: Path, entries: list[CheckpointEntry], backend: str) -> None:
     atomic_write_json(
         path,
         {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
+            "backend": backend,  # who fills the folders (CheckpointBackend.name)
             "checkpoints": [asdict(e) for e in sorted(entries, key=lambda e: e.step)],
         },
     )

@@ -58,6 +58,8 @@ class EngineBackend:
         engine: the ``DeepSpeedEngine`` from ``deepspeed.initialize``.
     """
 
+    name = "deepspeed"
+
     def __init__(self, engine):
         self.engine = engine
 

@@ -67,6 +67,8 @@ class HFCheckpointBackend:
     points at nothing: "start from scratch". Loading is the Trainer's (``resume_from_checkpoint``).
     """
 
+    name = "hf"
+
     def __init__(self, output_dir: str | os.PathLike):
         self.output_dir = Path(output_dir)
 

@@ -51,6 +51,8 @@ class LightningBackend:
     optimizers, schedulers, loop progress and callback states, as Lightning resumes them. It is
     loaded by Lightning itself (``fit(ckpt_path=resume_path(run_dir))``), not in process."""
 
+    name = "lightning"
+
     def __init__(self, trainer):
         self.trainer = trainer
 

@@ -68,10 +68,33 @@ def check_run_dir(run_dir: Path) -> None:
 def _checkpoints(run_dir: Path, must: bool = False):
     """The run's `Checkpoints`, or None where there is no manifest (a loop without a Guard)."""
     from thermo.checkpoints import MANIFEST_NAME, Checkpoints
+    from thermo.checkpoints.backends import DCPBackend
 
     if not must and not (run_dir / MANIFEST_NAME).exists():
         return None  # never create one: Checkpoints writes an empty manifest where none exists
-    return Checkpoints(run_dir)
+    ckpts = Checkpoints(run_dir)
+    if ckpts.written_by != DCPBackend.name:
+        ckpts.backend = _Foreign(ckpts.written_by)
+    return ckpts
+
+
+class _Foreign:
+    """Stands in for a backend this process cannot build (a framework adapter's, which needs the
+    live trainer or engine): a folder counts as intact when it and its ``thermo.json`` are there
+    (what `Checkpoints` checks for every backend); the training process judges the rest with its
+    own backend when it loads one, and falls back to an older checkpoint itself."""
+
+    def __init__(self, name: str):
+        self.name = name  # kept, so a manifest the supervisor rewrites still names its writer
+
+    def save(self, path, model, optimizer, scheduler, rng):
+        raise RuntimeError(f"thermo supervise does not write {self.name!r} checkpoints")
+
+    def load(self, path, model, optimizer, scheduler, rng):
+        raise RuntimeError(f"{self.name!r} checkpoints are loaded by the training process, not thermo supervise")
+
+    def torn(self, path: Path) -> str | None:
+        return None
 
 
 def _newest_usable(run_dir: Path) -> int | None:
