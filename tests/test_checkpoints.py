@@ -25,6 +25,7 @@ from thermo.checkpoints import (
     Checkpoints,
     rebuild_manifest,
 )
+from thermo.checkpoints.manifest import recorded_backend
 from thermo.gpt import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,14 +270,20 @@ def test_manifest_names_the_backend_that_wrote_the_folders(tmp_path):
 
     ckpts = Checkpoints(tmp_path / "a", backend=Pickled(), good_after=0)
     save_steps(ckpts, [10])
-    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["backend"] == "pickled"
-    assert Checkpoints(tmp_path / "a").written_by == "pickled"  # read back by a process without it
+    assert recorded_backend(tmp_path / "a") == "pickled"
+    manifest = (tmp_path / "a" / "manifest.json").read_bytes()
+    # Another kind of loop pointed at this run directory: one clear error, nothing touched.
+    with pytest.raises(RunDirError, match="written by the 'pickled' backend, and this process saves "
+                                          "and loads 'dcp' ones: give this run its own run directory"):
+        Checkpoints(tmp_path / "a")
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == manifest
     save_steps(Checkpoints(tmp_path / "b", good_after=0), [10])
-    assert Checkpoints(tmp_path / "b").written_by == "dcp"
-    # A manifest from before the field was DCP's.
+    assert recorded_backend(tmp_path / "b") == "dcp"
+    # A manifest from before the field: nobody's to check against (it was DCP's).
     m = tmp_path / "b" / "manifest.json"
     m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "backend"}))
-    assert Checkpoints(tmp_path / "b").written_by == "dcp"
+    assert recorded_backend(tmp_path / "b") is None
+    assert [e.step for e in Checkpoints(tmp_path / "b").entries] == [10]
 
 
 def test_stray_folder_is_never_loaded(tmp_path):

@@ -68,7 +68,6 @@ class Checkpoints:
         self.backend = backend if backend is not None else DCPBackend()
         self.dir = self.run_dir / self.config.folder
         self.manifest_path = self.run_dir / MANIFEST_NAME
-        self.written_by = backend_name(self.backend)  # the manifest's "backend", once read
         # Every rank reads (so every rank raises alike on a broken manifest); rank 0 writes.
         self._entries = self._read_manifest()
         if self._entries is None:
@@ -97,8 +96,13 @@ class Checkpoints:
         fix = "Restore it from a backup or fix it; the checkpoint folders were left untouched."
         obj = read_json(self.manifest_path, "checkpoint manifest", fix)
         entries = _parse_manifest(obj, self, fix)
-        written_by = obj.get("backend", DCPBackend.name)  # manifests before the field: DCP's
-        self.written_by = written_by if isinstance(written_by, str) else DCPBackend.name
+        written_by, mine = obj.get("backend"), backend_name(self.backend)  # None: before the field
+        if entries and written_by is not None and written_by != mine:
+            raise RunDirError(
+                f"{self.manifest_path} lists checkpoints written by the {written_by!r} backend, and this "
+                f"process saves and loads {mine!r} ones: give this run its own run directory, or "
+                f"continue it with the loop that wrote it"
+            )
         return entries
 
     def _write_manifest(self) -> None:

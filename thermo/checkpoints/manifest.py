@@ -72,6 +72,18 @@ def rebuild_manifest(
     return entries
 
 
+def recorded_backend(run_dir: str | os.PathLike) -> str | None:
+    """The `CheckpointBackend.name` a run's manifest records (None: no manifest, or one written
+    before thermo recorded it, which is DCP's). For a process that reads checkpoints it cannot
+    load, such as ``thermo supervise``."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    obj = read_json(path, "checkpoint manifest", "Restore it from a backup or fix it.")
+    name = obj.get("backend") if isinstance(obj, dict) else None
+    return name if isinstance(name, str) else None
+
+
 def _write_manifest(path: Path, entries: list[CheckpointEntry], backend: str) -> None:
     atomic_write_json(
         path,

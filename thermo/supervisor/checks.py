@@ -69,13 +69,12 @@ def _checkpoints(run_dir: Path, must: bool = False):
     """The run's `Checkpoints`, or None where there is no manifest (a loop without a Guard)."""
     from thermo.checkpoints import MANIFEST_NAME, Checkpoints
     from thermo.checkpoints.backends import DCPBackend
+    from thermo.checkpoints.manifest import recorded_backend
 
     if not must and not (run_dir / MANIFEST_NAME).exists():
         return None  # never create one: Checkpoints writes an empty manifest where none exists
-    ckpts = Checkpoints(run_dir)
-    if ckpts.written_by != DCPBackend.name:
-        ckpts.backend = _Foreign(ckpts.written_by)
-    return ckpts
+    name = recorded_backend(run_dir)
+    return Checkpoints(run_dir, backend=_Foreign(name) if name not in (None, DCPBackend.name) else None)
 
 
 class _Foreign:
