@@ -1,6 +1,6 @@
 """The two checks a CPU cannot make: thermo's hot path never syncs a CUDA device, and its overhead there.
 
-    python benchmarks/gpu_check.py                        # one GPU, ~3 minutes on an H100
+    python benchmarks/gpu_check.py                        # one GPU; not yet run on one (sized for minutes)
     python benchmarks/gpu_check.py --device cpu --tiny    # runs the script through on a CPU
 
 1. Sync-free. A GPT (sdpa and explicit attention) trains under bf16 autocast with thermo's
