@@ -39,15 +39,11 @@ import torch
 import thermo
 from thermo._io import RunDirError
 from thermo.store import Store, StoreError
-from thermo.supervisor import Supervisor, SupervisorConfig, SupervisorError
+from thermo.supervisor import Supervisor, SupervisorError
 
-TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "4", "--block-size", "32", "--batch-size", "8",
-        "--data-bytes", "300000", "--checkpoint-every", "20", "--good-after", "20", "--flush-every", "10",
-        "--attn-every", "5", "--lr", "3e-3", "--warmup", "10", "--quiet"]
-TRAIN = [sys.executable, "-m", "thermo.train_gpt", *TINY]
-CONFIG = SupervisorConfig(poll=0.2, restart_delay=0.0, grace=5.0, hang_timeout=60.0, startup_timeout=120.0,
-                          verdict_grace=1.0, status_every=0.0)
-ENV = {"OMP_NUM_THREADS": "1"}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+# The tests' settings, so that the table times exactly what tests/test_supervisor.py asserts.
+from tests.test_supervisor import ENV, FAST, TRAIN, hang_command  # noqa: E402
 
 # name -> (what is planted, command args or a full command, config overrides)
 SCENARIOS = {
@@ -68,12 +64,6 @@ SCENARIOS = {
                                 ["--crash-at", "35", "--fault-once", "--steps", "50"], {}),
     "bad input": ("malformed blacklist.json", "bad", {}),
 }
-
-
-def hang_command(run: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-            "-m", "thermo.train_gpt", *TINY, "--checkpoint-every", "10", "--good-after", "10", "--shard", "fsdp",
-            "--steps", "20", "--hang-at", "12", "--hang-rank", "1", "--fault-once", "--run-dir", str(run)]
 
 
 class Readers:
@@ -135,7 +125,7 @@ class Readers:
 def run_scenario(name: str, root: Path) -> dict:
     what, args, overrides = SCENARIOS[name]
     run = root / re.sub(r"\W+", "_", name)
-    config = dataclasses.replace(CONFIG, **overrides)
+    config = dataclasses.replace(FAST, **overrides)
     if args == "bad":
         run.mkdir()
         (run / "blacklist.json").write_text("{ not json")
@@ -176,7 +166,7 @@ def summarize(name, what, run, out, wall, readers) -> dict:
     detected, recovered, redone = [], [], []
     for la in out.launches:
         if la.ending == "crash":  # seen at the next poll after the exit
-            detected.append(f"≤{CONFIG.poll:g}s")
+            detected.append(f"≤{FAST.poll:g}s")
         elif la.ending != "finished" and la.fault_time is not None and la.end is not None:
             detected.append(f"{la.end - la.fault_time:.1f}s")
     for la, nxt in zip(out.launches, out.launches[1:]):

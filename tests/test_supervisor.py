@@ -47,6 +47,14 @@ def supervise(run_dir, *args, steps=60, config=FAST, command=None):
     return Supervisor(run_dir, cmd, config, env=ENV).run()
 
 
+def hang_command(run_dir) -> list[str]:
+    """2 ranks under torchrun (FSDP2) where rank 1 sleeps at step 12, once."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+            "-m", "thermo.train_gpt", *TINY, "--checkpoint-every", "10", "--good-after", "10",
+            "--shard", "fsdp", "--steps", "20", "--hang-at", "12", "--hang-rank", "1", "--fault-once",
+            "--run-dir", str(run_dir)]
+
+
 def events(run_dir, kind=None):
     ev = thermo.load(run_dir).events
     return ev if kind is None else ev[ev["kind"] == kind]
@@ -222,10 +230,7 @@ def test_a_hung_rank_is_detected_within_the_timeout_and_restarted(tmp_path):
     """2 ranks under torchrun (FSDP2): rank 1 sleeps at step 12, rank 0 blocks in the next
     collective. torchrun starts each worker in a session of its own: all must die."""
     run = tmp_path / "r"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "thermo.train_gpt", *TINY, "--checkpoint-every", "10", "--good-after", "10",
-           "--shard", "fsdp", "--steps", "20", "--hang-at", "12", "--hang-rank", "1", "--fault-once",
-           "--run-dir", str(run)]
+    cmd = hang_command(run)
     cfg = dataclasses.replace(FAST, hang_timeout=6.0)
     with RowWatch(run) as watch:
         out = supervise(run, command=cmd, config=cfg)
