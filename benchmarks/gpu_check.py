@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -37,7 +35,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import thermo  # noqa: E402
-from benchmarks.overhead import HandHooks  # noqa: E402
+from benchmarks.overhead import (  # noqa: E402
+    Config,
+    hand_hooks,
+    interleave,
+    no_monitoring,
+    ratio_table,
+    thermo_with,
+)
 from thermo.checkpoints import CheckpointConfig  # noqa: E402
 from thermo.corpus import TokenDataset, stdlib_bytes  # noqa: E402
 from thermo.data import ResumableSampler  # noqa: E402
@@ -132,59 +137,23 @@ def sync_check_guard(args, device, data, attn_impl: str) -> str:
     return f"ok ({args.sync_steps} steps, {rollbacks} rollbacks)"
 
 
-class Timed:
-    def __init__(self, name, args, device, attach):
-        torch.manual_seed(0)
-        self.name = name
-        self.model = GPT(model_config(args, "sdpa")).to(device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4, fused=device.type == "cuda")
-        self.after_backward, self.detach = attach(self.model)
-        self.device, self.times = device, []
-
-    def step(self, x, y, timed: bool) -> None:
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
-        t = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            _, loss = self.model(x, y)
-        loss.backward()
-        self.after_backward(loss)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        sync()
-        if timed:
-            self.times.append(time.perf_counter() - t)
-
-
 def overhead(args, device, data, tmp: str) -> list[str]:
-    def none(model):
-        return (lambda loss: None), (lambda: None)
+    def model():  # the same weights in every copy
+        torch.manual_seed(0)
+        return GPT(model_config(args, "sdpa"))
 
-    def with_thermo(model):
-        therm = thermo.Thermometer(model, run_dir=tempfile.mkdtemp(dir=tmp))
-        return therm.step, therm.close
+    def cfg(name, attach):
+        return Config(name, attach, model_fn=model, device=device, amp=torch.bfloat16)
 
-    def hand(model):
-        hooks = HandHooks(model)
-        return hooks.step, hooks.remove
-
-    cfgs = [Timed("none", args, device, none), Timed("none, again (noise floor)", args, device, none),
-            Timed("thermo", args, device, with_thermo), Timed("hand-.item()", args, device, hand)]
+    cfgs = [cfg("none", no_monitoring), cfg("none, again (noise floor)", no_monitoring),
+            cfg("thermo", thermo_with(tmp)), cfg("hand-.item()", hand_hooks)]
     g = torch.Generator().manual_seed(1)
-    for i in range(args.warmup + args.steps):
-        x, y = (t.to(device) for t in data.batch(torch.randint(0, len(data), (args.batch,), generator=g).tolist()))
-        k = i % len(cfgs)
-        for c in cfgs[k:] + cfgs[:k]:
-            c.step(x, y, timed=i >= args.warmup)
-    for c in cfgs:
-        c.detach()
-    base = cfgs[0].times
-    lines = [f"{'configuration':<28} {'median ms':>10} {'ratio':>7} {'mean ratio':>11}"]
-    for c in cfgs:
-        ratio = statistics.median(a / b for a, b in zip(c.times, base))
-        mean_ratio = statistics.fmean(c.times) / statistics.fmean(base)
-        lines.append(f"{c.name:<28} {statistics.median(c.times) * 1e3:>10.2f} {ratio:>6.3f}x {mean_ratio:>10.3f}x")
-    return lines
+
+    def batch():
+        return tuple(t.to(device) for t in data.batch(torch.randint(0, len(data), (args.batch,), generator=g).tolist()))
+
+    interleave(cfgs, batch, args.warmup, args.steps)
+    return ratio_table(cfgs)
 
 
 def main(argv=None) -> int:

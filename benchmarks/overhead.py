@@ -23,6 +23,7 @@ and, with --attn-sweep, thermo's overhead for several `attn_every` values (the d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -74,42 +75,87 @@ class HandHooks:
 
 
 class Config:
-    """A way of monitoring, attached to its own copy of the model (same weights, same batches)."""
+    """A way of monitoring, attached to its own copy of the model (same weights, same batches).
 
-    def __init__(self, name, attach, compile: bool = False):
+    On CUDA each step is timed between two ``torch.cuda.synchronize()`` calls, outside the step;
+    `amp` runs the forward under autocast to that dtype."""
+
+    def __init__(self, name, attach, compile: bool = False, model_fn=make_model,
+                 device: torch.device = torch.device("cpu"), amp: torch.dtype | None = None):
         self.name = name
-        self.model = make_model()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4)
+        self.model = model_fn().to(device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4, fused=True if device.type == "cuda" else None)
         self.after_backward, self.detach = attach(self.model)
         self.forward = torch.compile(self.model) if compile else self.model
+        self.device, self.amp = device, amp
         self.times: list[float] = []
 
     def step(self, x, y, timed: bool) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
         t = time.perf_counter()
-        _, loss = self.forward(x, y)
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
+            _, loss = self.forward(x, y)
         loss.backward()
         self.after_backward(loss)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        sync()
         if timed:
             self.times.append(time.perf_counter() - t)
 
 
+# attach(model) -> (after_backward(loss), detach()): the ways of monitoring compared.
+
+
+def no_monitoring(model):
+    return (lambda loss: None), (lambda: None)
+
+
+def thermo_with(tmp: str, **kw):
+    def attach(model):
+        therm = thermo.Thermometer(model, run_dir=tempfile.mkdtemp(dir=tmp), **kw)
+        return therm.step, therm.close
+
+    return attach
+
+
+def hand_hooks(model):
+    hooks = HandHooks(model)
+    return hooks.step, hooks.remove
+
+
+def interleave(cfgs: list[Config], next_batch, warmup: int, steps: int) -> None:
+    """Every configuration runs one step on the same batch (``next_batch()``), then the next
+    batch; the order rotates each step. Speed that drifts in phases (this VM's moves by ±20% over
+    tens of steps) hits all of them alike, where blocks of steps per configuration would turn it
+    into fake differences. Detaches every configuration at the end."""
+    for i in range(warmup + steps):
+        x, y = next_batch()
+        k = i % len(cfgs)
+        for c in cfgs[k:] + cfgs[:k]:
+            c.step(x, y, timed=i >= warmup)
+        if (i + 1) % 10 == 0:
+            print(f"step {i + 1}/{warmup + steps}", file=sys.stderr)
+    for c in cfgs:
+        c.detach()
+
+
+def ratio_table(cfgs: list[Config], reference=lambda c: None) -> list[str]:
+    """A line per configuration: its median step time, the median over steps of its step time
+    over its reference's on the same batch, and the ratio of their mean step times.
+    `reference(c)` names the configuration `c` is compared with (None: the first)."""
+    by_name = {c.name: c for c in cfgs}
+    lines = [f"{'configuration':<30} {'median ms':>10} {'ratio':>7} {'mean ratio':>11}"]
+    for c in cfgs:
+        ref = by_name[reference(c)].times if reference(c) else cfgs[0].times
+        ratio = statistics.median(a / b for a, b in zip(c.times, ref))
+        mean_ratio = statistics.fmean(c.times) / statistics.fmean(ref)
+        lines.append(f"{c.name:<30} {statistics.median(c.times) * 1e3:>10.1f} {ratio:>6.3f}x {mean_ratio:>10.3f}x")
+    return lines
+
+
 def configs(tmp: str, attn_sweep: list[int], with_wandb: bool, compiled: bool) -> list[Config]:
-    def none(model):
-        return (lambda loss: None), (lambda: None)
-
-    def thermo_with(**kw):
-        def attach(model):
-            therm = thermo.Thermometer(model, run_dir=tempfile.mkdtemp(dir=tmp), **kw)
-            return therm.step, therm.close
-
-        return attach
-
-    def hand(model):
-        hooks = HandHooks(model)
-        return hooks.step, hooks.remove
-
     def wandb_watch(model):
         import wandb
 
@@ -119,21 +165,21 @@ def configs(tmp: str, attn_sweep: list[int], with_wandb: bool, compiled: bool) -
         return (lambda loss: wandb.log({"loss": loss.item()})), (lambda: wandb.unwatch(model))
 
     out = [
-        Config("none", none),
-        Config("none, again (noise floor)", none),
-        Config("thermo", thermo_with()),
-        Config("thermo-all", thermo_with(attn_every=1, attn_per_head=True, grad="all", count_nonfinite=True)),
-        Config("hand-.item()", hand),
+        Config("none", no_monitoring),
+        Config("none, again (noise floor)", no_monitoring),
+        Config("thermo", thermo_with(tmp)),
+        Config("thermo-all", thermo_with(tmp, attn_every=1, attn_per_head=True, grad="all", count_nonfinite=True)),
+        Config("hand-.item()", hand_hooks),
     ]
     if with_wandb:
         out.append(Config("wandb.watch", wandb_watch))
     if compiled:
         # torch.compile (inductor): thermo attaches first, then the model is compiled; the hooks'
         # reductions fuse into the kernels that produce the activations.
-        out.append(Config("none (compiled)", none, compile=True))
-        out.append(Config("thermo (compiled)", thermo_with(), compile=True))
+        out.append(Config("none (compiled)", no_monitoring, compile=True))
+        out.append(Config("thermo (compiled)", thermo_with(tmp), compile=True))
     for k in attn_sweep:
-        out.append(Config(f"thermo attn_every={k}", thermo_with(attn_every=k)))
+        out.append(Config(f"thermo attn_every={k}", thermo_with(tmp, attn_every=k)))
     return out
 
 
@@ -158,20 +204,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cfgs = configs(tmp, sweep, with_wandb=not args.no_wandb, compiled=args.compile)
         n_params = sum(p.numel() for p in cfgs[0].model.parameters())
-        # Every configuration runs one step on the same batch, then the next batch; the order
-        # rotates each step. This machine's speed moves in phases of tens of steps (±20%), which
-        # blocks of steps per configuration would turn into fake differences.
-        for i in range(args.warmup + args.steps):
-            x, y = data.batch(torch.randint(0, len(data), (8,), generator=g).tolist())
-            k = i % len(cfgs)
-            for c in cfgs[k:] + cfgs[:k]:
-                c.step(x, y, timed=i >= args.warmup)
-            if (i + 1) % 10 == 0:
-                print(f"step {i + 1}/{args.warmup + args.steps}", file=sys.stderr)
-        for c in cfgs:
-            c.detach()
-        cfgs_by_name = {c.name: c for c in cfgs}
-    base = cfgs[0].times
+        interleave(cfgs, lambda: data.batch(torch.randint(0, len(data), (8,), generator=g).tolist()),
+                   args.warmup, args.steps)
     print(f"\nthermo overhead benchmark — {datetime.date.today()} — {platform.node()} "
           f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
           f"torch {torch.__version__}")
@@ -179,12 +213,8 @@ def main():
           f"{args.steps} steps each, interleaved step by step")
     print("ratio: median over steps of (this step time / the unmonitored step time on the same batch);")
     print("mean ratio: the same over the mean step times (includes thermo's flush every 10th step)\n")
-    print(f"{'configuration':<30} {'median ms':>10} {'ratio':>7} {'mean ratio':>11}")
-    for c in cfgs:
-        ref = base if not c.name.endswith("(compiled)") else cfgs_by_name["none (compiled)"].times
-        ratio = statistics.median(a / b for a, b in zip(c.times, ref))
-        mean_ratio = statistics.fmean(c.times) / statistics.fmean(ref)
-        print(f"{c.name:<30} {statistics.median(c.times) * 1e3:>10.1f} {ratio:>6.3f}x {mean_ratio:>10.3f}x")
+    for line in ratio_table(cfgs, lambda c: "none (compiled)" if c.name.endswith("(compiled)") else None):
+        print(line)
 
 
 if __name__ == "__main__":
