@@ -125,22 +125,27 @@ def assert_contiguous(run_dir, last_step):
 # -- 1. divergence ---------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_divergence_the_guard_misses_is_rolled_back_and_skipped_by_the_supervisor(tmp_path):
-    """The Guard is blind (--guard-blind): only the supervisor's detector, reading the store, can
-    see the poisoned steps 50-52. It kills, rolls back, blacklists, restarts; the run ends where a
-    clean run that never read those batches ends."""
-    run = tmp_path / "sup"
-    with RowWatch(run) as watch:
-        out = supervise(run, "--poison-steps", "50-52", "--guard-blind", steps=90)
-    watch.check()
-    assert out.status == "finished" and out.exit_code == 0
+class LateSupervisor(Supervisor):
+    """Looks at the first launch only once it has ended: the divergence is seen after the end on
+    any machine, as a fast (GPU) run makes the real supervisor see it."""
+
+    def _watch(self, launch):
+        if launch.number == 1:
+            self._proc.wait()
+        super()._watch(launch)
+
+
+def check_supervisor_repair(run: Path, out, steps: int, exit_code: int) -> dict:
+    """The supervisor alone saw the poisoned steps 50-52, rolled back before the onset,
+    blacklisted them, and the relaunch trained to the end on a contiguous timeline."""
+    assert out.status == "finished" and out.exit_code == 0, out.message
     assert [la.ending for la in out.launches] == ["divergence", "finished"]
+    assert out.launches[0].exit_code == exit_code
     (verdict,) = events(run, "verdict")["data"]
     assert verdict["source"] == "supervisor" and verdict["onset_step"] <= 52 <= verdict["detection_step"] <= 60
     restart = events(run, "restart")
     sup = restart[restart["data"].map(lambda d: d["reason"] == "divergence")].iloc[0]["data"]
-    assert sup["checkpoint"] < verdict["onset_step"] and sup["exit_code"] == -signal.SIGTERM
+    assert sup["checkpoint"] < verdict["onset_step"] and sup["exit_code"] == exit_code
     resumed = restart[restart["data"].map(lambda d: d["reason"] == "resume")].iloc[0]["data"]
     assert resumed["checkpoint"] == sup["checkpoint"]  # the Guard restarted where told
     poison = set(clean_batch(50) + clean_batch(51) + clean_batch(52))
@@ -149,7 +154,23 @@ def test_divergence_the_guard_misses_is_rolled_back_and_skipped_by_the_superviso
     manifest = json.loads((run / "manifest.json").read_text())["checkpoints"]
     assert all(e["health"] != "bad" or e["step"] > sup["checkpoint"] for e in manifest)
     assert set(sup["bad"]) and min(sup["bad"]) > sup["checkpoint"]
-    assert_contiguous(run, 90)
+    assert_contiguous(run, steps)
+    return bl
+
+
+@pytest.mark.slow
+def test_divergence_the_guard_misses_is_rolled_back_and_skipped_by_the_supervisor(tmp_path):
+    """The Guard is blind (--guard-blind): only the supervisor's detector, reading the store, can
+    see the poisoned steps 50-52. The command is held after step 60 (however fast the machine,
+    the supervisor sees the divergence while it runs): it kills, rolls back, blacklists,
+    restarts; the run ends where a clean run that never read those batches ends."""
+    run = tmp_path / "sup"
+    cmd = [sys.executable, str(FAULTS / "hold_until_verdict.py"), "60", "--", *TINY, "--steps", "90",
+           "--poison-steps", "50-52", "--guard-blind"]
+    with RowWatch(run) as watch:
+        out = supervise(run, command=cmd)
+    watch.check()
+    bl = check_supervisor_repair(run, out, 90, exit_code=-signal.SIGTERM)
 
     # A clean run that never saw those samples reads the same stream and ends at the same loss.
     clean = tmp_path / "clean"
@@ -165,6 +186,16 @@ def test_divergence_the_guard_misses_is_rolled_back_and_skipped_by_the_superviso
         assert a.ledger() == b.ledger()
         la, lb = a.scalars()["loss"].tail(10).mean(), b.scalars()["loss"].tail(10).mean()
     assert abs(la - lb) <= 0.02 * lb
+
+
+def test_a_divergence_seen_only_after_the_command_ended_is_still_repaired(tmp_path):
+    """The same blind Guard, but the command finishes (exit 0) before the supervisor reads the
+    poisoned steps, as a fast run does: the last look decides like the ones before it."""
+    run = tmp_path / "late"
+    out = LateSupervisor(run, [*TRAIN, "--steps", "70", "--poison-steps", "50-52", "--guard-blind"],
+                         FAST, env=ENV).run()
+    check_supervisor_repair(run, out, 70, exit_code=0)
+    assert "divergence seen after the command ended" in out.launches[0].why
 
 
 @pytest.mark.slow

@@ -240,18 +240,28 @@ class Supervisor:
                 pending = None  # rolled back by itself before it exited
         guard_v, gave_up = self._read(lambda: self._guard_verdict(launch), (None, False))
         stop = self._read(lambda: self._stopped_to_resume(launch), None) if rc == 0 else None
+        if rc == 0 and guard_v is not None and not self._read(lambda: self._unanswered(launch), False):
+            guard_v = None  # the Guard rolled back for it in process: repaired
         if stop is not None:
             # A framework adapter (Hugging Face, Lightning) stopped on a verdict and left the
             # checkpoint to resume from and the blacklist: relaunching is the repair.
             launch.ending = "relaunch"
             launch.why = f"the trainer stopped on a verdict to resume from checkpoint {stop}"
+        elif rc == 0 and (pending or guard_v is not None):
+            # It finished, but diverged and nobody repaired it: the divergence was seen only
+            # after the end (a fast run outpaces the supervisor's polls, or the Guard judged its
+            # last partial window at close, when nothing could act on it). The same repair as
+            # for a verdict seen while it ran: roll back, blacklist, relaunch.
+            ours = pending[0] if pending else None
+            v = guard_v or ours
+            launch.ending, launch.verdict = "divergence", v
+            launch.why = f"divergence seen after the command ended: {v.message}"
+            if v is ours:
+                self._event("verdict", f"supervisor (after the command ended): {v.message}",
+                            step=v.detection_step, source="supervisor", **v.to_dict())
+            launch.fault_time = self._read(lambda: self._record_time(v, launch.fault_time), launch.fault_time)
         elif rc == 0:
             launch.ending, launch.why = "finished", "the command finished"
-            if pending and self.feed.attempt <= pending[1]:
-                v = pending[0]
-                launch.why += f", but nobody acted on a divergence at step {v.detection_step}: {v.message}"
-                self._event("verdict", f"supervisor (after the end): {v.message}", step=v.detection_step,
-                            source="supervisor", **v.to_dict())
         elif rc == EXIT_DIVERGED or gave_up or pending:
             # A Guard that gave up, or a crash while diverged (a NaN that kills a kernel): the
             # same repair either way.
@@ -367,6 +377,14 @@ class Supervisor:
                                                          "detection_step", "evidence", "message")}), gave_up
         except (KeyError, TypeError, ValueError):
             return None, gave_up
+
+    def _unanswered(self, launch: Launch) -> bool:
+        """Did this launch's Guard record a verdict that no rollback followed (one it found in
+        its last partial window, at close, when nothing could act on it any more)?"""
+        ev = self.store.events()
+        ev = ev[(ev["time"] >= launch.start) & ev["kind"].isin(["verdict", "rollback"])]
+        ev = ev[ev["data"].map(lambda d: d.get("source") != "supervisor")]
+        return len(ev) > 0 and ev.iloc[-1]["kind"] == "verdict"
 
     def _stopped_to_resume(self, launch: Launch) -> int | None:
         """The checkpoint a framework adapter stopped this launch to resume from (its
