@@ -159,10 +159,14 @@ def _hlines(fig):
 def test_attention_lines_and_the_fp16_limit(incident):
     _, run = incident
     fig = plots.attention_figure(run)
-    names = [t.name for t in fig.data]
-    assert names[:2] == ["h.0.attn", "h.1.attn"]
+    names = [t.name for t in fig.data if "rolled back" not in t.name]
+    # the layer the verdict names (h.1.attn) is marked and drawn thicker
+    assert names[:2] == ["h.0.attn", "▶ h.1.attn"]
+    assert fig.data[names.index("▶ h.1.attn") + 1].line.width > fig.data[0].line.width
     assert _hlines(fig) == []  # small logits, dtype unknown: no limit drawn
-    assert _hlines(plots.attention_figure(run, dtype="float16")) == [plots.FP16_MAX]
+    # fp16 with logits far below the limit: a line at 65504 would flatten them; the title says it
+    fp16 = plots.attention_figure(run, dtype="float16")
+    assert _hlines(fp16) == [] and "fp16 limit 65504 off the chart" in fp16.layout.title.text
     assert _hlines(plots.attention_figure(run, dtype="bfloat16")) == []
     with_bound = plots.attention_figure(run, bound=True)
     assert "h.0.attn (bound)" in [t.name for t in with_bound.data]
@@ -175,7 +179,24 @@ def test_attention_lines_and_the_fp16_limit(incident):
     hot.meta["compute_dtype"] = "torch.float16"
     cold = _synthetic({("h.0.attn", "attn_max"): np.array([1.0, 2.0])})
     cold.meta["compute_dtype"] = "torch.float16"
-    assert _hlines(plots.attention_figure(cold)) == [plots.FP16_MAX]
+    assert _hlines(plots.attention_figure(cold)) == []
+    assert "off the chart" in plots.attention_figure(cold).layout.title.text
+    near = _synthetic({("h.0.attn", "attn_max"): np.array([1.0, 2e4])})
+    assert _hlines(plots.attention_figure(near)) == [plots.FP16_MAX]
+
+
+def test_attention_lines_show_the_rolled_back_branch(incident):
+    run_dir, run = incident
+    fig = plots.attention_figure(run)
+    rolled = [t for t in fig.data if t.name == "h.1.attn (rolled back)"]
+    assert len(rolled) == 1 and rolled[0].line.dash == "dot"
+    with Store(run_dir, readonly=True) as store:
+        every = store.layer_stats(effective=False, stats=["attn_max"])
+    old = every[(every.attempt == 0) & (every.step > 20) & (every.layer == "h.1.attn")]
+    assert list(rolled[0].x) == old["step"].tolist()
+    assert list(rolled[0].y) == pytest.approx(old["value"].tolist())
+    main = next(t for t in fig.data if t.name == "▶ h.1.attn")
+    assert rolled[0].line.color == main.line.color
 
 
 # -- events ---------------------------------------------------------------------------------
@@ -234,3 +255,147 @@ def test_nan_written_to_the_store_is_plotted_as_a_marker(tmp_path):
     marks = [t for t in fig.data if t.name == "non-finite"]
     assert list(marks[0].x) == [3]
     assert marks[0].yaxis != fig.data[0].yaxis  # pinned to the top, whatever the scale
+
+
+# -- defaults that show the signal ----------------------------------------------------------
+
+
+def test_loss_panel_picks_log_where_values_span_decades():
+    gn = np.ones(50)
+    gn[40] = 8e3  # a grad-norm spike: on a linear axis the healthy curve is flat at 0
+    run = _synthetic({("a", "act_max"): np.ones(50)},
+                     scalars={"loss": np.linspace(3, 2.5, 50), "grad_norm": gn})
+    fig = plots.loss_figure(run)
+    assert fig.layout.yaxis.type == "linear" and fig.layout.yaxis2.type == "log"
+    assert fig.layout.updatemenus[0].active == 1
+    assert plots.loss_figure(run, log_y=False).layout.yaxis2.type == "linear"
+
+
+def _with_events(run: Run, events: list[tuple]) -> Run:
+    rows = [{"id": i + 1, "time": 1000.0 + i, "attempt": 0, "step": step, "kind": kind,
+             "message": msg, "data": data} for i, (kind, step, msg, data) in enumerate(events)]
+    run.events = pd.DataFrame(rows, columns=["id", "time", "attempt", "step", "kind", "message", "data"])
+    return run
+
+
+def test_close_verdict_labels_do_not_overlap_and_say_what_the_band_is():
+    run = _synthetic({("h.1", "act_max"): np.ones(200)}, scalars={"loss": np.ones(200)})
+    _with_events(run, [
+        ("verdict", 100, "a", {"kind": "growth", "signal": "act_max", "layer": "h.1",
+                               "onset_step": 60, "detection_step": 100}),
+        ("verdict", 104, "b", {"kind": "spike", "signal": "loss", "layer": None,
+                               "onset_step": 101, "detection_step": 104}),
+    ])
+    fig = plots.loss_figure(run, keys=("loss",))
+    labels = [a for a in fig.layout.annotations if "onset" in (a.text or "")]
+    assert len(labels) == 2
+    assert labels[0].text == "growth act_max in h.1 · onset 60 → detected 100"
+    assert labels[0].y != labels[1].y  # stacked, not printed over each other
+    rects = [(s.x0, s.x1) for s in fig.layout.shapes if s.type == "rect"]
+    assert (60, 100) in rects and (101, 104) in rects
+
+
+# -- the verdict's layer, the rolled-back branch, deep models --------------------------------
+
+
+def test_heatmap_marks_the_verdicts_layer_and_shows_the_rolled_back_branch(incident):
+    run_dir, run = incident
+    fig = plots.heatmap_figure(run, "attn_max")
+    main, branch = [t for t in fig.data if t.type == "heatmap"]
+    assert list(main.y) == ["h.0.attn", "h.1.attn"]
+    assert list(fig.layout.yaxis.ticktext) == ["h.0.attn", "▶ h.1.attn"]
+    outlines = [s for s in fig.layout.shapes if s.type == "rect" and s.yref == "y"]
+    assert [(s.y0, s.y1) for s in outlines] == [(0.5, 1.5)]
+    assert any(a.text == "verdict: spike" and a.x == 30 for a in fig.layout.annotations)
+    # the second strip is attempt 0's abandoned steps, the ones that diverged
+    with Store(run_dir, readonly=True) as store:
+        every = store.layer_stats(effective=False, stats=["attn_max"])
+    old = every[(every.attempt == 0) & (every.step > 20)]
+    assert branch.yaxis == "y2" and list(branch.x) == sorted(old["step"].unique())
+    v = old[(old.layer == "h.1.attn") & (old.step == branch.x[0])]["value"].iloc[0]
+    assert branch.customdata[1][0] == pytest.approx(v)
+    assert len(plots.heatmap_figure(run, "attn_max", rolled_back=False).data) == 1
+
+
+def _deep_run(n_blocks: int = 30) -> Run:
+    values, meta = {}, []
+    for b in range(n_blocks):
+        for t in ("", ".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj", ".ln_1", ".ln_2"):
+            name = f"h.{b}{t}"
+            arr = np.full(20, 1.0 + b)
+            if name == "h.17.mlp.c_fc":
+                arr[15] = 5e3
+            values[(name, "act_max")] = arr
+            meta.append({"name": name, "kind": "module", "stats": ["act_max"]})
+    return _synthetic(values, layers_meta=meta)
+
+
+def test_deep_heatmap_groups_by_block_filters_by_type_and_picks_the_hottest():
+    run = _deep_run()
+    fig = plots.heatmap_figure(run)  # 210 layers: one row per block by default
+    hm = fig.data[0]
+    assert list(hm.y) == [f"h.{b}" for b in range(30)]
+    assert np.nanmax(np.array(hm.customdata, dtype=float)[17]) == 5e3  # the block keeps its max
+    assert fig.layout.height <= 1400
+    every = plots.heatmap_figure(run, group="layer")
+    assert len(every.data[0].y) == 210
+    mlp = plots.heatmap_figure(run, group="layer", types=["mlp.c_fc"]).data[0]
+    assert list(mlp.y) == [f"h.{b}.mlp.c_fc" for b in range(30)]
+    attn = plots.heatmap_figure(run, group="layer", types="attn").data[0]
+    assert len(attn.y) == 60 and all(".attn." in n for n in attn.y)
+    hot = plots.heatmap_figure(run, top=3).data[0]
+    assert len(hot.y) == 3 and set(hot.y) == {"h.17.mlp.c_fc", "h.29", "h.29.attn.c_attn"}
+    with pytest.raises(ValueError, match="group"):
+        plots.heatmap_figure(run, group="rows")
+
+
+def test_module_types_and_blocks():
+    from thermo.plots.shared import block_of, module_type
+
+    assert block_of("h.3.attn.c_attn") == "h.3" and module_type("h.3.attn.c_attn") == "attn.c_attn"
+    assert module_type("h.3") == "block" and block_of("lm_head") is None
+    assert module_type("model.layers.12.self_attn.q_proj") == "self_attn.q_proj"
+
+
+# -- the story -------------------------------------------------------------------------------
+
+
+def test_story_names_verdict_cause_layer_and_what_thermo_did():
+    run = _synthetic({("h.1", "act_max"): np.ones(80)}, scalars={"loss": np.ones(80)})
+    _with_events(run, [
+        ("verdict", 30, "growth", {"kind": "growth", "signal": "act_max", "layer": "h.1",
+                                   "onset_step": 25, "detection_step": 30, "cause": "data"}),
+        ("rollback", 30, "rolled back", {"from_step": 30, "to_step": 20, "n_blacklisted": 80,
+                                         "action": "rollback"}),
+        ("blacklist", 30, "bl", {"added": list(range(80))}),
+        ("verdict", 70, "growth again", {"kind": "growth", "signal": "act_max", "layer": "h.1",
+                                         "onset_step": 60, "detection_step": 70,
+                                         "cause": {"kind": "optimizer", "detail": "reproduces without the samples"}}),
+        ("give_up", 70, "thermo gave up", {"reason": "2 rollbacks (max_rollbacks=1)"}),
+    ])
+    story = plots.run_story(run, now=2000.0)
+    assert story.status == "gave up" and story.exit_code != 0
+    assert story.status_line == "gave up at step 70: 2 rollbacks (max_rollbacks=1)"
+    first, second = story.incidents
+    assert first.line == ("step 30: growth of act_max in h.1 (onset 25, cause: data) → "
+                          "rolled back to step 20; blacklisted 80 samples")
+    assert second.line.endswith("(onset 60, cause: optimizer — reproduces without the samples) → "
+                                "gave up: 2 rollbacks (max_rollbacks=1)")
+    html = plots.headline_html(story)
+    assert 'id="thermo-run-status"' in html and ">gave up<" in html and "2 verdicts" in html
+
+
+def test_story_status_training_finished_idle():
+    run = _synthetic({("h.1", "act_max"): np.ones(10)}, scalars={"loss": np.ones(10),
+                                                                  "wall_time": 1000.0 + np.arange(10)})
+    assert plots.run_story(run, now=1010.0).status == "training"
+    idle = plots.run_story(run, now=1009.0 + 3600)
+    assert idle.status == "idle" and "no new step for 60 min" in idle.status_line
+    _with_events(run, [("supervise", 9, "thermo supervise finished", {"status": "finished"})])
+    assert plots.run_story(run, now=5000.0).status == "finished"
+    # a give-up the supervisor recovered from (restart after it) is not the end
+    _with_events(run, [("give_up", 5, "guard gave up", {"reason": "r"}),
+                       ("restart", 5, "restart 1", {"reason": "divergence"})])
+    assert plots.run_story(run, now=1010.0).status == "training"
+    empty = _synthetic({("h.1", "act_max"): np.array([])}, scalars={"loss": np.array([])})
+    assert plots.run_story(empty).status == "empty"

@@ -44,8 +44,14 @@ from thermo.plots.panels import (
     loss_figure,
 )
 from thermo.plots.shared import effective_mask, layer_order
+from thermo.plots.story import EXIT_CODES, Incident, Story, headline_html, run_story
 
 __all__ = [
+    "EXIT_CODES",
+    "Incident",
+    "Story",
+    "headline_html",
+    "run_story",
     "DEFAULT_LAYOUT",
     "DEFAULT_MAX_COLS",
     "DEFAULT_MAX_POINTS",

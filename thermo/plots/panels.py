@@ -21,8 +21,12 @@ from thermo.plots.shared import (
     _nonfinite_label,
     _overlay_axis,
     _scale_buttons,
+    block_of,
     effective_mask,
     layer_order,
+    module_type,
+    spans_decades,
+    verdicts,
 )
 from thermo.store import Run
 
@@ -42,21 +46,24 @@ _MAX_MARKED_EVENTS = 200
 def loss_figure(
     run: Run,
     keys: tuple[str, ...] | list[str] = ("loss", "grad_norm"),
-    log_y: bool = False,
+    log_y: bool | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
     height: int | None = None,
 ) -> go.Figure:
     """Loss and gradient norm over steps, one row per key, with the run's history marked.
 
-    Marks: verdicts shade onset..detection (the skipped range); rollbacks draw an arrow from the
-    detection step back to the restored step; attempt starts, restarts, skipped steps and
-    give-ups get vertical lines. Rows of rolled-back attempts are drawn faint and dotted.
-    Non-finite values are red markers at the top of their row. Buttons switch linear/log.
+    Marks: each verdict shades onset..detection (the window judged sick and skipped) with a label
+    saying what diverged, where, and that the band runs from the onset to the detection; labels
+    that would overlap are stacked. Rollbacks draw an arrow from the detection step back to the
+    restored step; attempt starts, restarts, skipped steps and give-ups get vertical lines. Rows of
+    rolled-back attempts are drawn faint and dotted. Non-finite values are red markers at the top
+    of their row. Buttons switch linear/log.
 
     Args:
         run: the run (``thermo.dashboard.read_run(run_dir)`` includes rolled-back rows).
         keys: scalar keys to draw, one row each (missing ones are skipped).
-        log_y: start with log-scale y axes.
+        log_y: log-scale y axes; None (default) picks log for a row whose values span more than
+            two decades (a grad-norm spike would flatten a linear axis), linear otherwise.
         max_points: per drawn series (see `downsample`).
         height: figure height in pixels (default: 220 per row + margins).
 
@@ -72,12 +79,16 @@ def loss_figure(
                         subplot_titles=[_TITLES.get(k, k) for k in keys])
     eff = effective_mask(sc, run.attempts) if not sc.empty else pd.Series(dtype=bool)
     shown_rb = shown_bad = False
+    any_log = False
     for row, key in enumerate(keys, start=1):
         axis_n = "" if row == 1 else str(row)
         xref, yref = f"x{axis_n}", f"y{axis_n}"
+        row_log = bool(log_y)
         if key in sc.columns:
             main = sc[eff].sort_values("step")
             xs, ys = downsample(main["step"].to_numpy(), main[key].to_numpy(), max_points)
+            if log_y is None:
+                row_log = spans_decades(sc[key].to_numpy())
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=key, line=dict(width=1.5)),
                           row=row, col=1)
             for attempt, part in sc[~eff].groupby("attempt"):
@@ -94,49 +105,98 @@ def loss_figure(
             had_bad = len(fig.data)
             _add_nonfinite(fig, xs, ys, over, xref, key, legend=not shown_bad)
             shown_bad = shown_bad or len(fig.data) > had_bad
-        fig.update_yaxes(type="log" if log_y else "linear", row=row, col=1)
+        any_log = any_log or row_log
+        fig.update_yaxes(type="log" if row_log else "linear", row=row, col=1)
     _mark_history(fig, run)
     fig.update_xaxes(title_text="step", row=len(keys), col=1)
     fig.update_layout(
         height=height or 120 + 220 * len(keys), margin=dict(l=60, r=20, t=70, b=40),
-        updatemenus=_scale_buttons(len(keys), log_y), legend=dict(orientation="h", y=-0.15),
+        updatemenus=_scale_buttons(len(keys), any_log), legend=dict(orientation="h", y=-0.15),
         hovermode="x unified",
     )
     return fig
 
 
-def _mark_history(fig: go.Figure, run: Run) -> None:
+def _x_span(run: Run) -> float:
+    steps = [run.scalars["step"]] if len(run.scalars) else []
+    if len(run.layers):
+        steps.append(run.layers["step"])
+    if not steps:
+        return 1.0
+    lo = min(float(s.min()) for s in steps)
+    hi = max(float(s.max()) for s in steps)
+    return max(hi - lo, 1.0)
+
+
+def _stack(xs: list[float], gap: float) -> list[int]:
+    """A level per label (0 = top) so that labels on one level are at least `gap` apart in x."""
+    levels: list[float] = []  # last x placed on each level
+    out = []
+    for x in xs:
+        for i, last in enumerate(levels):
+            if x - last >= gap:
+                levels[i] = x
+                out.append(i)
+                break
+        else:
+            levels.append(x)
+            out.append(len(levels) - 1)
+    return out
+
+
+def verdict_label(v: dict) -> str:
+    what = " ".join(str(v[k]) for k in ("kind", "signal") if v.get(k))
+    if v.get("layer"):
+        what += f" in {v['layer']}"
+    if v.get("onset") is not None and v.get("detect") is not None and v["onset"] != v["detect"]:
+        what += f" · onset {v['onset']} → detected {v['detect']}"
+    elif v.get("detect") is not None:
+        what += f" · step {v['detect']}"
+    return what
+
+
+def _mark_history(fig: go.Figure, run: Run, labels: bool = True) -> None:
     """Shapes and arrows for events and attempts on a figure whose x axis is the step."""
     for _, a in run.attempts.iterrows():
         if int(a["attempt"]) > 0 and int(a["start_step"]) >= 0:
             fig.add_vline(x=int(a["start_step"]), line=dict(color="#9467bd", dash="dot", width=1))
+    color = _EVENT_COLORS["verdict"]
+    vs = [v for v in verdicts(run) if v["detect"] is not None][-_MAX_MARKED_EVENTS:]
+    for v in vs:
+        if v["onset"] is not None:
+            fig.add_vrect(x0=v["onset"], x1=max(v["detect"], v["onset"] + 0.5), fillcolor=color,
+                          opacity=0.12, line_width=0, layer="below")
+        else:
+            fig.add_vline(x=v["detect"], line=dict(color=color, width=1))
+    if labels and vs:
+        # Stacked so two verdicts close together stay readable; each label says the band is
+        # the onset..detection window (where the signal left its band, before it tripped).
+        centers = [(v["onset"] + v["detect"]) / 2 if v["onset"] is not None else v["detect"] for v in vs]
+        order = sorted(range(len(vs)), key=lambda i: centers[i])
+        gap = 0.22 * _x_span(run)
+        levels = dict(zip(order, _stack([centers[i] for i in order], gap)))
+        for i, v in enumerate(vs):
+            fig.add_annotation(
+                x=centers[i], y=1.0 - 0.11 * levels[i], xref="x", yref="y domain",
+                text=verdict_label(v), showarrow=False, yanchor="top",
+                font=dict(color=color, size=10), bgcolor="rgba(255,255,255,0.8)",
+                hovertext="shaded: onset..detection, the steps judged sick (their batches are skipped)",
+            )
     # The latest events only: thousands of shapes (a run that skips many steps) freeze plotly;
     # the events table still lists them all.
     for _, e in run.events.tail(_MAX_MARKED_EVENTS).iterrows():
         d, kind = _data(e), e["kind"]
         color = _EVENT_COLORS.get(kind, "#7f7f7f")
         step = _int_or_none(e.get("step"))
-        if kind in ("verdict", "rollback"):
-            onset = _int_or_none(d.get("onset_step"))
-            detect = _first(_int_or_none(d.get("detection_step")), step)
-            if onset is not None and detect is not None:
-                fig.add_vrect(x0=onset, x1=max(detect, onset + 0.5), fillcolor=color,
-                              opacity=0.12 if kind == "verdict" else 0.08, line_width=0, layer="below")
-            elif detect is not None:
-                fig.add_vline(x=detect, line=dict(color=color, width=1))
-            if kind == "verdict" and detect is not None:
-                label = " ".join(str(d[k]) for k in ("signal", "layer") if d.get(k)) or "verdict"
-                fig.add_annotation(x=detect, y=1.0, xref="x", yref="y domain", text=label,
-                                   showarrow=False, yanchor="bottom", font=dict(color=color, size=10))
-            if kind == "rollback":
-                src = _first(_int_or_none(d.get("from_step")), detect)
-                dst = _int_or_none(d.get("to_step"))
-                if src is not None and dst is not None:
-                    fig.add_annotation(
-                        x=dst, y=0.85, xref="x", yref="y domain", ax=src, ay=0.85, axref="x",
-                        ayref="y domain", showarrow=True, arrowhead=2, arrowwidth=1.5,
-                        arrowcolor=color, text=f"rollback → {dst}", font=dict(color=color, size=10),
-                    )
+        if kind == "rollback":
+            src = _first(_int_or_none(d.get("from_step")), _int_or_none(d.get("detection_step")), step)
+            dst = _int_or_none(d.get("to_step"))
+            if src is not None and dst is not None:
+                fig.add_annotation(
+                    x=dst, y=0.12, xref="x", yref="y domain", ax=src, ay=0.12, axref="x",
+                    ayref="y domain", showarrow=True, arrowhead=2, arrowwidth=1.5,
+                    arrowcolor=color, text=f"rollback → {dst}", font=dict(color=color, size=10),
+                )
         elif kind in ("restart", "give_up", "skip_step"):
             # skip_step's data may name the step too; Store.event keeps it in the step column.
             at = _int_or_none(d.get("step", step))
@@ -145,78 +205,182 @@ def _mark_history(fig: go.Figure, run: Run) -> None:
                                                dash="solid" if kind == "give_up" else "dash"))
 
 
+def _heat_rows(run: Run, df: pd.DataFrame, stat: str, group: str, types, top: int | None):
+    """(row names, layer -> row) for the heatmap: every layer, or one row per block, filtered by
+    module type, or only the `top` hottest."""
+    layers = layer_order(run, stat)
+    if types:
+        want = [types] if isinstance(types, str) else list(types)
+        layers = [n for n in layers if any(module_type(n) == t or module_type(n).startswith(t + ".")
+                                           or module_type(n).endswith("." + t) for t in want)]
+    if top:
+        mag = df.assign(m=df["value"].abs().fillna(np.inf)).groupby("layer")["m"].max()
+        hot = set(mag.reindex(layers).sort_values(ascending=False, kind="stable").index[:top])
+        layers = [n for n in layers if n in hot]
+    if group == "auto":
+        group = "block" if len(layers) > 60 else "layer"
+    if group == "block":
+        mapping = {n: block_of(n) or n for n in layers}
+        rows = list(dict.fromkeys(mapping.values()))
+    else:
+        mapping = {n: n for n in layers}
+        rows = layers
+    return rows, mapping
+
+
+def _grid(df: pd.DataFrame, rows: list[str], mapping: dict, steps: np.ndarray, size: int,
+          reduce: str):
+    """(values[rows, cols], per-cell first non-finite or None) of `df` binned `size` steps a
+    column; a cell keeps the bin's max (min for *_min stats)."""
+    n_cols = math.ceil(len(steps) / size)
+    row = pd.Categorical(df["layer"].map(mapping), categories=rows).codes.astype("int64")
+    col = np.searchsorted(steps, df["step"].to_numpy()) // size
+    keep = row >= 0
+    cell = (row * n_cols + col)[keep]
+    value = df["value"].to_numpy(dtype="float64")[keep]
+    finite = np.isfinite(value)
+    agg = pd.Series(value[finite]).groupby(cell[finite]).agg(reduce)
+    zval = np.full((len(rows), n_cols), np.nan)
+    zval.flat[agg.index.to_numpy()] = agg.to_numpy()
+    bad = pd.Series(value[~finite]).groupby(cell[~finite]).first() if not finite.all() else None
+    return zval, bad
+
+
 def heatmap_figure(
     run: Run,
     stat: str = "act_max",
     color_scale: str = "log",
     max_cols: int = DEFAULT_MAX_COLS,
     height: int | None = None,
+    group: str = "auto",
+    types: list[str] | str | None = None,
+    top: int | None = None,
+    rolled_back: bool = True,
 ) -> go.Figure:
     """The thermometer heatmap: layers (rows, model order, first at the top) × steps, colour =
     `stat`. Steps are binned to at most `max_cols` columns, keeping the bin's max (its min for
     ``*_min`` stats) so a spike stays visible; bins holding a non-finite value get a red ×.
+    The layer a verdict names is marked (▶ on its row label, a red outline and an arrow at the
+    detection step). When the run rolled back, a second strip below shows the rolled-back branch
+    (the steps that diverged) with the same rows.
 
     Args:
-        run: the run; only effective rows are drawn.
+        run: the run (with rolled-back rows for the second strip).
         stat: per-layer statistic (``act_max``, ``act_min``, ``attn_max``, ``attn_bound``,
             ``grad_max``...).
         color_scale: ``"log"`` colours log10|value| (layers differ by orders of magnitude);
             ``"linear"`` colours the value itself.
         max_cols: most step columns drawn.
-        height: figure height in pixels (default grows with the number of layers).
+        height: figure height in pixels (default grows with the number of rows, capped).
+        group: ``"layer"`` (a row per layer), ``"block"`` (a row per block: the max over its
+            modules), ``"auto"`` (blocks when there are more than 60 layers).
+        types: only layers of these module types (``"attn"``, ``"mlp.c_fc"``, ``"block"``,
+            ``"ln_1"``: see `thermo.plots.shared.module_type`).
+        top: only the `top` hottest layers (largest |value| seen, NaN hottest).
+        rolled_back: draw the rolled-back branch strip when there is one.
 
     Returns:
         The figure.
 
     Example:
-        >>> heatmap_figure(read_run("runs/exp1"), stat="attn_max").show()
+        >>> heatmap_figure(read_run("runs/exp1"), stat="attn_max", top=20).show()
     """
     if color_scale not in ("log", "linear"):
         raise ValueError(f"heatmap color_scale must be 'log' or 'linear', got {color_scale!r}")
-    df = run.layers[run.layers["stat"] == stat]
-    df = df[effective_mask(df, run.attempts)]
-    rows = layer_order(run, stat)
-    fig = go.Figure()
-    title = f"{stat} per layer" + (" (colour: log10 |value|)" if color_scale == "log" else "")
-    fig.update_layout(title=title, height=height or max(260, 110 + 18 * len(rows)),
-                      margin=dict(l=140, r=20, t=50, b=40))
-    fig.update_xaxes(title_text="step")
+    if group not in ("auto", "layer", "block"):
+        raise ValueError(f"heatmap group must be 'auto', 'layer' or 'block', got {group!r}")
+    if top is not None and (not isinstance(top, int) or top < 1):
+        raise ValueError(f"heatmap top must be an int >= 1 or None, got {top!r}")
+    every = run.layers[run.layers["stat"] == stat]
+    mask = effective_mask(every, run.attempts)
+    df, old = every[mask], every[~mask]
+    rows, mapping = _heat_rows(run, every, stat, group, types, top)
+    grouped = any(k != v for k, v in mapping.items())
+    branch = rolled_back and not old.empty
+    n_rows = 2 if branch else 1
+    if branch:
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                            row_heights=[0.62, 0.38],
+                            subplot_titles=["effective timeline", "rolled-back branch (the steps that diverged)"])
+    else:
+        fig = go.Figure()
+    title = f"{stat} per {'block (max over its modules)' if grouped else 'layer'}"
+    title += " (colour: log10 |value|)" if color_scale == "log" else ""
+    per_row = 18 if len(rows) <= 40 else 10
+    fig.update_layout(title=title, height=height or min(1400, max(260, 110 + per_row * len(rows) * (1.6 if branch else 1))),
+                      margin=dict(l=160, r=20, t=60, b=40))
+    fig.update_xaxes(title_text="step", row=n_rows, col=1) if branch else fig.update_xaxes(title_text="step")
     fig.update_yaxes(autorange="reversed", type="category")
-    if df.empty:
+    if every.empty:
         return fig
-    steps = np.sort(df["step"].unique())
-    size = max(1, math.ceil(len(steps) / max_cols))
-    n_cols = math.ceil(len(steps) / size)
-    x = steps[::size]
-    # Integer cell keys (row * n_cols + col): grouping on them is far cheaper than on names.
-    row = pd.Categorical(df["layer"], categories=rows).codes.astype("int64")
-    col = np.searchsorted(steps, df["step"].to_numpy()) // size
-    cell = row * n_cols + col
-    value = df["value"].to_numpy(dtype="float64")
-    finite = np.isfinite(value)
     reduce = "min" if stat.endswith("_min") else "max"
-    agg = pd.Series(value[finite]).groupby(cell[finite]).agg(reduce)
-    zval = np.full((len(rows), n_cols), np.nan)
-    zval.flat[agg.index.to_numpy()] = agg.to_numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        color = np.log10(np.abs(zval)) if color_scale == "log" else zval.copy()
-    color[~np.isfinite(color)] = np.nan  # log10(0) = -inf: no colour rather than a bad scale
-    span = f"steps {x[0]}.." if size > 1 else "step "
-    fig.add_trace(go.Heatmap(
-        z=color, x=x, y=rows, customdata=zval, colorscale="Viridis", colorbar=dict(title="log10|v|" if color_scale == "log" else stat),
-        hovertemplate=f"%{{y}}<br>{span}%{{x}}<br>{stat} %{{customdata:.4g}}<extra></extra>",
-        hoverongaps=False,
-    ))
-    if not finite.all():
-        first = pd.Series(value[~finite]).groupby(cell[~finite]).first()
-        keys = first.index.to_numpy()
-        fig.add_trace(go.Scatter(
-            x=x[keys % n_cols], y=[rows[r] for r in keys // n_cols], mode="markers",
-            marker=dict(symbol="x", size=10, color=_NONFINITE_COLOR, line=dict(width=1)),
-            name="non-finite", text=[_nonfinite_label(v) for v in first.to_numpy()],
-            hovertemplate="%{y}<br>step %{x}<br>%{text}<extra></extra>",
-        ))
+    marked = _verdict_rows(run, rows, mapping)
+    for strip, part in ((1, df), (2, old)) if branch else ((1, df),):
+        if part.empty:
+            continue
+        steps = np.sort(part["step"].unique())
+        size = max(1, math.ceil(len(steps) / max_cols))
+        x = steps[::size]
+        zval, bad = _grid(part, rows, mapping, steps, size, reduce)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            color = np.log10(np.abs(zval)) if color_scale == "log" else zval.copy()
+        color[~np.isfinite(color)] = np.nan  # log10(0) = -inf: no colour rather than a bad scale
+        span = f"steps {x[0]}.." if size > 1 else "step "
+        where = "" if strip == 1 else " (rolled back)"
+        trace = go.Heatmap(
+            z=color, x=x, y=rows, customdata=zval, colorscale="Viridis", coloraxis="coloraxis",
+            hovertemplate=f"%{{y}}<br>{span}%{{x}}{where}<br>{stat} %{{customdata:.4g}}<extra></extra>",
+            hoverongaps=False, name="rolled back" if strip == 2 else stat,
+        )
+        if branch:
+            fig.add_trace(trace, row=strip, col=1)
+        else:
+            fig.add_trace(trace)
+        if bad is not None:
+            keys = bad.index.to_numpy()
+            n_cols = zval.shape[1]
+            marks = go.Scatter(
+                x=x[keys % n_cols], y=[rows[r] for r in keys // n_cols], mode="markers",
+                marker=dict(symbol="x", size=10, color=_NONFINITE_COLOR, line=dict(width=1)),
+                name="non-finite", text=[_nonfinite_label(v) for v in bad.to_numpy()],
+                hovertemplate="%{y}<br>step %{x}<br>%{text}<extra></extra>", showlegend=False,
+            )
+            fig.add_trace(marks, row=strip, col=1) if branch else fig.add_trace(marks)
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", colorbar=dict(
+        title="log10|v|" if color_scale == "log" else stat)))
+    ticktext = [f"▶ {r}" if r in marked else r for r in rows]
+    fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=ticktext)
+    for r, v in marked.items():
+        i = rows.index(r)
+        for strip in range(1, n_rows + 1):
+            axis = "" if strip == 1 else str(strip)
+            fig.add_shape(type="rect", xref=f"x{axis} domain", yref=f"y{axis}", x0=0, x1=1,
+                          y0=i - 0.5, y1=i + 0.5, line=dict(color=_NONFINITE_COLOR, width=2),
+                          fillcolor="rgba(0,0,0,0)")
+        if v["detect"] is not None:
+            fig.add_annotation(x=v["detect"], y=r, xref="x", yref="y", text=f"verdict: {v['kind']}",
+                               showarrow=True, arrowhead=2, arrowcolor=_NONFINITE_COLOR, ax=30, ay=-22,
+                               font=dict(color=_NONFINITE_COLOR, size=10), bgcolor="rgba(255,255,255,0.8)")
     return fig
+
+
+def _verdict_rows(run: Run, rows: list[str], mapping: dict) -> dict[str, dict]:
+    """row -> verdict, for the rows of the layers verdicts name (the row itself, its block when
+    rows are blocks, or the rows inside it when it names a block or parent module)."""
+    out: dict[str, dict] = {}
+    for v in verdicts(run):
+        layer = v.get("layer")
+        if not layer:
+            continue
+        if layer in rows:
+            out[layer] = v
+        elif layer in mapping:
+            out[mapping[layer]] = v
+        else:
+            for r in rows:
+                if r.startswith(layer + ".") or layer.startswith(r + "."):
+                    out[r] = v
+    return out
 
 
 def attention_figure(
@@ -224,23 +388,26 @@ def attention_figure(
     stat: str = "attn_max",
     bound: bool = False,
     dtype: str | None = None,
-    log_y: bool = False,
+    log_y: bool | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
     height: int | None = None,
+    rolled_back: bool = True,
 ) -> go.Figure:
     """Attention-logit maximum per layer as lines (the picture that shows a layer running away),
-    with the fp16 overflow limit (65504) drawn when the run computes in fp16 or any value comes
-    within a quarter of it.
+    with the rolled-back branch (the steps that diverged) faint and dotted in the layer's colour,
+    and the fp16 overflow limit (65504): drawn as a line when the values come within a factor 4
+    of it, otherwise noted in the title (a line at 65504 would flatten logits of 200 to zero).
 
     Args:
-        run: the run; only effective rows are drawn.
+        run: the run (with rolled-back rows for the faint branch).
         stat: ``attn_max`` (exact, on sampled steps) or ``attn_bound`` (every step).
         bound: also draw ``attn_bound`` faintly (dashed) when `stat` is ``attn_max``.
         dtype: the compute dtype ("float16", "bfloat16"...); default: the run's meta
             (``compute_dtype`` or ``dtype``), if it says.
-        log_y: start with a log-scale y axis.
+        log_y: log-scale y axis; None (default) picks log when the values span two decades.
         max_points: per drawn series (see `downsample`).
         height: figure height in pixels.
+        rolled_back: draw the rolled-back branch.
 
     Returns:
         The figure.
@@ -248,14 +415,17 @@ def attention_figure(
     Example:
         >>> attention_figure(read_run("runs/exp1"), dtype="float16").show()
     """
-    df = run.layers[run.layers["stat"].isin([stat, "attn_bound"] if bound else [stat])]
-    df = df[effective_mask(df, run.attempts)]
+    every = run.layers[run.layers["stat"].isin([stat, "attn_bound"] if bound else [stat])]
+    mask = effective_mask(every, run.attempts)
+    df, old = every[mask], every[~mask]
     fig = go.Figure()
     over = _overlay_axis(fig, "9", "y")
     peak = -math.inf
-    shown_bad = False
+    shown_bad = shown_rb = False
+    verdict_layers = {v["layer"] for v in verdicts(run) if v.get("layer")}
     for i, layer in enumerate(layer_order(run, stat)):
         color = _palette(i)
+        hot = layer in verdict_layers or any(layer.startswith(v + ".") for v in verdict_layers)
         for s in ([stat, "attn_bound"] if bound and stat != "attn_bound" else [stat]):
             part = df[(df["layer"] == layer) & (df["stat"] == s)].sort_values("step")
             if part.empty:
@@ -265,23 +435,50 @@ def attention_figure(
             if len(finite):
                 peak = max(peak, float(np.abs(finite).max()))
             faint = s != stat
+            name = f"{layer} (bound)" if faint else (f"▶ {layer}" if hot else layer)
             fig.add_trace(go.Scatter(
-                x=xs, y=ys, name=f"{layer} (bound)" if faint else layer, legendgroup=layer,
+                x=xs, y=ys, name=name, legendgroup=layer,
                 mode="lines" if faint or len(xs) > 200 else "lines+markers",
-                line=dict(color=color, width=1 if faint else 1.8, dash="dash" if faint else "solid"),
+                line=dict(color=color, width=1 if faint else (3 if hot else 1.8),
+                          dash="dash" if faint else "solid"),
                 opacity=0.5 if faint else 1.0, connectgaps=False,
             ))
             n = len(fig.data)
             _add_nonfinite(fig, xs, ys, over, "x", f"{layer} {s}", legend=not shown_bad)
             shown_bad = shown_bad or len(fig.data) > n
+            if faint or not rolled_back:
+                continue
+            for attempt, branch in old[(old["layer"] == layer) & (old["stat"] == s)].groupby("attempt"):
+                branch = branch.sort_values("step")
+                bx, by = downsample(branch["step"].to_numpy(), branch["value"].to_numpy(), max_points)
+                fin = by[np.isfinite(by)]
+                if len(fin):
+                    peak = max(peak, float(np.abs(fin).max()))
+                fig.add_trace(go.Scatter(
+                    x=bx, y=by, name=f"{layer} (rolled back)", legendgroup=layer, showlegend=False,
+                    mode="lines", line=dict(color=color, width=1, dash="dot"), opacity=0.55,
+                    hovertemplate=f"{layer}, attempt {attempt} (rolled back)<br>step %{{x}}<br>%{{y}}<extra></extra>",
+                ))
+                _add_nonfinite(fig, bx, by, over, "x", f"{layer} {s} (rolled back)", legend=False)
+                shown_rb = True
     dtype = dtype or _meta_dtype(run.meta)
-    if (dtype and "16" in dtype and "bf" not in dtype) or peak >= _NEAR_OVERFLOW * FP16_MAX:
+    fp16 = bool(dtype and "16" in dtype and "bf" not in dtype)
+    title = f"attention logits: {stat} per layer"
+    if peak >= _NEAR_OVERFLOW * FP16_MAX:
         fig.add_hline(y=FP16_MAX, line=dict(color=_NONFINITE_COLOR, dash="dash", width=1.5),
                       annotation_text="fp16 max 65504", annotation_position="top left")
+    elif fp16:
+        share = f"{100 * peak / FP16_MAX:.2g}% of it" if math.isfinite(peak) else "no values yet"
+        title += f" — fp16 limit 65504 off the chart (peak {share})"
+    if shown_rb:
+        title += " — dotted: rolled back"
+    all_values = every["value"].to_numpy() if len(every) else np.array([])
+    use_log = spans_decades(all_values) if log_y is None else bool(log_y)
+    _mark_history(fig, run, labels=False)
     fig.update_layout(
-        title=f"attention logits: {stat} per layer", height=height or 380,
-        margin=dict(l=60, r=20, t=70, b=40), updatemenus=_scale_buttons(1, log_y),
-        yaxis_type="log" if log_y else "linear", xaxis_title="step",
+        title=title, height=height or 380,
+        margin=dict(l=60, r=20, t=70, b=40), updatemenus=_scale_buttons(1, use_log),
+        yaxis_type="log" if use_log else "linear", xaxis_title="step",
     )
     return fig
 

@@ -86,3 +86,54 @@ def _int_or_none(v) -> int | None:
 
 def _first(*values):
     return next((v for v in values if v is not None), None)
+
+
+
+def block_of(name: str) -> str | None:
+    """The repeated block a layer belongs to: ``h.3`` for ``h.3.attn.c_attn`` (the name up to
+    its first numeric part), None for layers outside any block (``wte``, ``lm_head``)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def module_type(name: str) -> str:
+    """What a layer is, whatever block it sits in: ``attn.c_attn`` for ``h.3.attn.c_attn``,
+    ``block`` for ``h.3`` itself, the name itself outside blocks (``lm_head``)."""
+    block = block_of(name)
+    if block is None:
+        return name
+    rest = name[len(block) + 1:]
+    return rest or "block"
+
+
+def verdicts(run: Run) -> list[dict]:
+    """The run's verdicts, one dict each: layer, signal, kind, onset, detect, cause (deduplicated
+    when the Guard and the supervisor both recorded the same divergence)."""
+    out, seen = [], set()
+    for _, e in run.events.iterrows():
+        if e["kind"] != "verdict":
+            continue
+        d = _data(e)
+        detect = _first(_int_or_none(d.get("detection_step")), _int_or_none(e.get("step")))
+        onset = _int_or_none(d.get("onset_step"))
+        key = (d.get("kind"), d.get("signal"), d.get("layer"), onset, detect)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"kind": d.get("kind") or "verdict", "signal": d.get("signal"),
+                    "layer": d.get("layer"), "onset": onset, "detect": detect,
+                    "cause": d.get("cause")})
+    return out
+
+
+def spans_decades(values, decades: float = 2.0) -> bool:
+    """True when the positive finite values span more than `decades` orders of magnitude: a
+    linear axis would flatten the small ones to zero (a grad-norm spike over a healthy curve)."""
+    v = np.asarray(values, dtype="float64")
+    v = v[np.isfinite(v) & (v > 0)]
+    if len(v) < 2:
+        return False
+    return float(np.log10(v.max()) - np.log10(v.min())) > decades
