@@ -122,3 +122,107 @@ def test_missing_store_and_unwritable_dir(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreError, match="cannot create run directory"):
         Store(blocker / "run")
+
+
+# -- names, mounts, relaunches (issue 12) -----------------------------------------------------
+
+
+def test_a_run_directory_named_with_hash_question_mark_and_percent_works(tmp_path):
+    run = tmp_path / "exp#1?lr=3e-4%20 x"
+    with Store(run) as s:
+        s.write([rec(1, loss=2.0), rec(2, loss=1.5)])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with Store(run, readonly=True) as r:
+        assert [x.step for x in r.records()] == [1, 2]
+    assert list(thermo.load(run).scalars["loss"]) == [2.0, 1.5]
+    thermo.detect_run(run)  # the offline detector opens the store the same way
+    # No stray files beside the run directory (an unescaped URI opened "exp" and "exp#1").
+    assert sorted(p.name for p in tmp_path.iterdir()) == before == [run.name]
+
+
+_RO_MOUNT = """
+import sys, thermo
+run = thermo.load(sys.argv[1])
+print(list(run.scalars["loss"]))
+"""
+
+
+def test_a_cleanly_closed_store_on_a_read_only_mount_opens_read_only(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
+        pytest.skip("needs unshare -rm (a user namespace) to make a read-only bind mount")
+    run = tmp_path / "run"
+    with Store(run) as s:
+        s.write([rec(1, loss=2.0), rec(2, loss=1.5)])
+    assert sorted(p.name for p in run.iterdir()) == ["thermo.db"]  # closed cleanly: no -wal/-shm
+    mount = f"mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path}"
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", f'{mount} && touch {run}/x 2>/dev/null; '
+                          f'"$0" -c "$1" {run}', sys.executable, _RO_MOUNT],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[2.0, 1.5]"
+    assert sorted(p.name for p in run.iterdir()) == ["thermo.db"]
+
+
+def test_a_relaunch_that_cannot_resume_starts_a_new_attempt_and_overwrites_no_row(tmp_path):
+    with Store(tmp_path) as s:  # the first launch: steps 1..60 of attempt 0
+        s.write([rec(i, loss=float(i)) for i in range(1, 61)])
+        s.write_ledger(0, [(i, [i]) for i in range(1, 61)])
+    with Store(tmp_path) as s:  # a relaunch from scratch: it believes it writes attempt 0 again
+        assert s.current_attempt() == 0
+        s.write([rec(i, loss=100.0 + i) for i in range(1, 31)])
+        s.write_ledger(0, [(i, [1000 + i]) for i in range(1, 31)])
+    everything = thermo.load(tmp_path, effective=False).scalars
+    first = everything[everything["attempt"] == 0]
+    assert list(first["loss"]) == [float(i) for i in range(1, 61)]  # all kept, none replaced
+    run = thermo.load(tmp_path)
+    assert list(run.scalars["attempt"].unique()) == [1]
+    assert list(run.scalars["loss"]) == [100.0 + i for i in range(1, 31)]
+    assert run.attempts.iloc[-1]["start_step"] == 0
+    (ev,) = run.events[run.events["kind"] == "restart"]["data"]
+    assert ev["reason"] == "fresh" and ev["replaces"] == 0
+    with Store(tmp_path, readonly=True) as r:
+        assert r.ledger(1, 30) == {i: [1000 + i] for i in range(1, 31)}
+        assert r.ledger(1, 60, effective=False)[60] == [60]
+
+
+def test_the_same_steps_written_twice_in_one_attempt_start_a_new_attempt(tmp_path):
+    with Store(tmp_path) as s:
+        s.write([rec(1, loss=1.0, h__0=1.0), rec(2, loss=2.0, h__0=2.0)])
+        s.write([rec(2, loss=20.0, h__0=20.0), rec(3, loss=30.0, h__0=30.0)])
+        s.write([rec(4, loss=40.0, h__0=40.0)])  # the next flush follows on in the new attempt
+    everything = thermo.load(tmp_path, effective=False)
+    assert sorted(zip(everything.scalars["attempt"], everything.scalars["step"], everything.scalars["loss"])) == [
+        (0, 1, 1.0), (0, 2, 2.0), (1, 2, 20.0), (1, 3, 30.0), (1, 4, 40.0)]
+    assert len(everything.layers) == 5  # the rolled-back transaction's series id was not reused
+    assert list(thermo.load(tmp_path).scalars["loss"]) == [1.0, 20.0, 30.0, 40.0]
+
+
+def test_the_thermometer_snippet_run_twice_on_one_directory_keeps_both_runs(tmp_path):
+    import torch
+
+    def snippet(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with thermo.Thermometer(model, tmp_path, flush_every=5, attention=False) as therm:
+            for _ in range(20):
+                loss = model(torch.randn(16, 4)).pow(2).mean()
+                loss.backward()
+                therm.step(loss)
+                opt.step()
+                opt.zero_grad()
+        return therm
+
+    snippet(0)
+    first = thermo.load(tmp_path).scalars[["step", "loss"]].copy()
+    snippet(1)
+    everything = thermo.load(tmp_path, effective=False).scalars
+    kept = everything[everything["attempt"] == 0][["step", "loss"]].reset_index(drop=True)
+    assert kept.equals(first.reset_index(drop=True))  # the first run's rows, untouched
+    assert sorted(everything["attempt"].unique()) == [0, 1]
+    second = thermo.load(tmp_path).scalars
+    assert list(second["attempt"].unique()) == [1] and len(second) == 20

@@ -21,6 +21,11 @@ value always means NaN and the readers give NaN back.
 
 One process writes metrics (rank 0 of the trainer); others (the supervisor, `thermo blacklist`)
 may add events; any number of readers (dashboard, report, `thermo inspect`) query while it writes.
+
+No stored row is ever overwritten. A writer owns the attempts it opened (`begin_attempt`) and an
+empty one it found; rows for an attempt an earlier launch already wrote (a relaunch that could
+not resume from a checkpoint, the same script run twice on one directory) go to a new attempt
+that restarts before their first step, recorded as a ``restart`` event with reason ``fresh``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import math
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +127,8 @@ class Store:
         self.path = self.run_dir / DB_NAME
         self.readonly = readonly
         self._series: dict[tuple[str, str], int] = {}
+        self._owned: set[int] = set()  # attempts this writer opened or found empty
+        self._moved: dict[int, int] = {}  # an earlier launch's attempt -> the one written instead
         self._conn = self._connect()
 
     # -- opening -------------------------------------------------------------------------
@@ -132,8 +140,12 @@ class Store:
                     f"no metrics store at {self.path}: is {self.run_dir} a thermo run directory? "
                     "A run writes it once the first steps are flushed."
                 )
-            uri = f"file:{self.path}?mode=ro"
-            conn = self._open(lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1e3))
+            # The path is percent-encoded: '?', '#' and '%' in a folder name are URI syntax.
+            uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+            try:
+                conn = self._open(lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1e3))
+            except StoreError as first:
+                conn = self._open_immutable(uri, first)
         else:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +167,22 @@ class Store:
             return conn
         except sqlite3.DatabaseError as e:
             raise StoreError(self._foreign_message(str(e))) from None
+
+    def _open_immutable(self, uri: str, first: StoreError) -> sqlite3.Connection:
+        """A cleanly closed store on a read-only mount: a WAL reader needs to create ``-shm``
+        beside it and cannot. Without a ``-wal`` file everything is in the main file and, as
+        the folder is not writable, no writer can change it: read it as immutable."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if os.access(self.run_dir, os.W_OK) or wal.exists():
+            if wal.exists() and not os.access(self.run_dir, os.W_OK):
+                raise StoreError(
+                    f"cannot read {self.path}: its folder is read-only and it has unfinished writes in "
+                    f"{wal.name} (the writer did not close it). Copy the run directory to a writable "
+                    "place and read it there."
+                )
+            raise first
+        return self._open(lambda: sqlite3.connect(uri + "&immutable=1", uri=True,
+                                                  timeout=BUSY_TIMEOUT_MS / 1e3))
 
     def _foreign_message(self, why: str) -> str:
         return (
@@ -231,36 +259,79 @@ class Store:
         return sid
 
     def write(self, records: Sequence[StepRecord]) -> None:
-        """Write the records of one flush in one transaction (all of them or none)."""
-        if not records:
-            return
-        with self._conn:
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO scalars VALUES (?, ?, ?, ?)",
-                [
-                    (r.attempt, r.step, k, _db_value(v))
-                    for r in records
-                    for k, v in r.scalars.items()
-                ],
-            )
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?)",
-                [
-                    (r.attempt, r.step, self._series_id(k), _db_value(v))
-                    for r in records
-                    for k, v in r.layers.items()
-                ],
-            )
+        """Write the records of one flush in one transaction (all of them or none).
+
+        Never overwrites a stored row: records for an attempt an earlier launch wrote, or for
+        steps this attempt already holds, go to a new attempt (see the module docstring)."""
+        by_attempt: dict[int, list[StepRecord]] = {}
+        for r in records:
+            by_attempt.setdefault(r.attempt, []).append(r)
+        for attempt, recs in by_attempt.items():
+            first = min(r.step for r in recs)
+            self._insert(attempt, first, lambda a, recs=recs: self._write_records(a, recs))
+
+    def _write_records(self, attempt: int, records: list[StepRecord]) -> None:
+        self._conn.executemany(
+            "INSERT INTO scalars VALUES (?, ?, ?, ?)",
+            [(attempt, r.step, k, _db_value(v)) for r in records for k, v in r.scalars.items()],
+        )
+        self._conn.executemany(
+            "INSERT INTO layers VALUES (?, ?, ?, ?)",
+            [(attempt, r.step, self._series_id(k), _db_value(v)) for r in records for k, v in r.layers.items()],
+        )
+
+    def _insert(self, attempt: int, first_step: int, insert) -> None:
+        """Run `insert(attempt)` in one transaction into the attempt this writer may write for
+        `attempt`; on a row already stored, move to a new attempt and insert there instead."""
+        target = self._own(attempt, first_step)
+        try:
+            self._transaction(lambda: insert(target))
+        except sqlite3.IntegrityError:
+            # The same steps again within one attempt (a loop that restarted its step count
+            # without a rollback): the stored rows stay, these start a new attempt.
+            target = self._fresh(attempt, first_step, "steps already recorded were recorded again")
+            self._transaction(lambda: insert(target))
+
+    def _transaction(self, fn) -> None:
+        try:
+            with self._conn:
+                fn()
+        except BaseException:
+            # Series ids inserted by the rolled-back transaction are gone: forget them too.
+            self._series = {(layer, stat): i for i, layer, stat
+                            in self._conn.execute("SELECT id, layer, stat FROM series")}
+            raise
+
+    def _own(self, attempt: int, first_step: int) -> int:
+        if attempt in self._moved:
+            return self._moved[attempt]
+        if attempt not in self._owned:
+            if self._has_rows(attempt):
+                return self._fresh(attempt, first_step, "a launch that did not resume from a checkpoint")
+            self._owned.add(attempt)
+        return attempt
+
+    def _has_rows(self, attempt: int) -> bool:
+        return any(
+            self._conn.execute(f"SELECT 1 FROM {t} WHERE attempt = ? LIMIT 1", (attempt,)).fetchone()
+            for t in ("scalars", "layers", "ledger")
+        )
+
+    def _fresh(self, attempt: int, first_step: int, why: str) -> int:
+        new = self.begin_attempt(first_step - 1, f"fresh: {why}")
+        self._moved[attempt] = new
+        self.event("restart", f"{why}: its steps from {first_step} on are recorded as attempt {new}; "
+                   f"attempt {attempt}'s rows are kept", step=first_step - 1, attempt=new,
+                   reason="fresh", replaces=attempt)
+        return new
 
     def write_ledger(self, attempt: int, steps: Sequence[tuple[int, Sequence[int]]]) -> None:
         """Record which sample ids each step trained on: (step, ids) pairs, one transaction."""
         if not steps:
             return
-        with self._conn:
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO ledger VALUES (?, ?, ?)",
-                [(attempt, step, json.dumps([int(i) for i in ids])) for step, ids in steps],
-            )
+        rows = [(step, json.dumps([int(i) for i in ids])) for step, ids in steps]
+        self._insert(attempt, min(step for step, _ in steps), lambda a: self._conn.executemany(
+            "INSERT INTO ledger VALUES (?, ?, ?)", [(a, step, ids) for step, ids in rows]))
 
     def ledger(self, first_step: int = 0, last_step: int = 2**62, effective: bool = True) -> dict[int, list[int]]:
         """step -> sample ids trained on, for steps in [first_step, last_step]."""
@@ -302,6 +373,7 @@ class Store:
                 "INSERT INTO attempts VALUES (?, ?, ?, ?)",
                 (attempt, start_step, time.time(), reason),
             )
+        self._owned.add(attempt)
         return attempt
 
     def current_attempt(self) -> int:
