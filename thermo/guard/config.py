@@ -35,6 +35,15 @@ class GuardConfig:
             last `skip_window` steps (None: only non-finite steps).
         skip_window: steps in that rolling window.
         skip_min_window: steps the window must hold before spikes are judged.
+        skip_mode: rung 1: how a skipped step is masked so that it changes nothing (see
+            `thermo.guard.skip`): ``"fused"`` (``found_inf`` of torch's fused Adam/AdamW/SGD;
+            exact, no memory), ``"snapshot"`` (copy parameters and optimizer state before the
+            step, restore them after on the device; exact, one more copy of both in memory),
+            ``"zero_grad"`` (zero the gradients; free but not exact), ``"auto"`` (fused when
+            the optimizer is, else snapshot, with a warning at construction).
+        qk_clip_tau: QK-Clip (Kimi K2): after each update on a step with exact per-head
+            attention logits, scale W_q and W_k of every head whose max logit exceeds this so
+            that it equals it (None: off). Needs ``ThermometerConfig(attn_per_head=True)``.
     """
 
     checkpoint_every: int = 100
@@ -49,6 +58,8 @@ class GuardConfig:
     skip_z: float | None = 6.0
     skip_window: int = 128
     skip_min_window: int = 32
+    skip_mode: str = "auto"
+    qk_clip_tau: float | None = None
 
     def __post_init__(self):
         for name in ("checkpoint_every", "skip_window", "lr_backoff_after"):
@@ -67,3 +78,8 @@ class GuardConfig:
                 f"GuardConfig.skip_min_window ({self.skip_min_window}) must be <= skip_window "
                 f"({self.skip_window})"
             )
+        if self.skip_mode not in ("auto", "fused", "snapshot", "zero_grad"):
+            raise ValueError(f"GuardConfig.skip_mode must be 'auto', 'fused', 'snapshot' or 'zero_grad', "
+                             f"got {self.skip_mode!r}")
+        if self.qk_clip_tau is not None and not self.qk_clip_tau > 0:
+            raise ValueError(f"GuardConfig.qk_clip_tau must be > 0 or None (off), got {self.qk_clip_tau}")

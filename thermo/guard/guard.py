@@ -176,6 +176,7 @@ class Guard:
 
     def after_step(self) -> None:
         """After ``optimizer.step()`` (and the scheduler's): checkpoint, act on a verdict."""
+        self.skip.restore()  # a skipped step's update undone on the device (skip_mode="snapshot")
         verdict, self._verdict = self._verdict, None
         if verdict is not None:
             self._rollback(verdict)

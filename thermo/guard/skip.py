@@ -1,25 +1,92 @@
-"""Rung 1: skip a bad step on the device, without a host sync."""
+"""Rung 1: skip a bad step on the device, without a host sync, so that the skipped step changes
+nothing: parameters and optimizer state stay bit-identical.
+
+How a step is masked (``GuardConfig.skip_mode``):
+
+==============  ===========================================================================
+``fused``       torch's fused Adam/AdamW/SGD read ``found_inf`` (the way GradScaler skips):
+                exact, no extra memory. Needs ``fused=True`` in every param group.
+``snapshot``    before ``optimizer.step()`` copy the parameters and every optimizer state
+                tensor (exp_avg, exp_avg_sq, step, momentum_buffer...); after it, write
+                ``torch.where(flag, old, new)`` back. Exact for any optimizer that keeps its
+                state as tensors in ``optimizer.state`` (for-loop and foreach Adam/AdamW/SGD
+                included). Costs one more copy of the parameters and of the optimizer state
+                (Adam: 3x the parameter bytes; SGD with momentum: 2x) and two copies per step.
+``zero_grad``   zero the step's gradients: no extra memory, but not exact: Adam's moments,
+                step count and weight decay, and SGD's momentum and weight decay, still move
+                the weights.
+``auto``        ``fused`` where every param group is fused, else ``snapshot`` (and a one-time
+                warning with its memory cost, and the hint to pass ``fused=True`` where torch
+                has a fused kernel for the optimizer and device).
+==============  ===========================================================================
+
+``auto`` never switches the user's optimizer to its fused kernel itself: the fused kernel rounds
+differently from foreach/for-loop (every step, not only skipped ones), keeps ``step`` on another
+device, and a checkpoint would carry the switched flag into runs without thermo.
+
+Two edges of ``snapshot``, both stated when the Guard is built:
+
+* a state tensor created by the skipped step itself (the optimizer's first step: state is lazy)
+  is reset to zeros. For Adam/AdamW that *is* torch's initial state; an SGD momentum buffer of
+  zeros acts as "no buffer yet" when ``dampening=0`` (torch's default).
+* torch keeps Adam's ``step`` on the host unless ``capturable=True`` or ``fused=True``. With
+  parameters on an accelerator, restoring a host tensor from a device flag would be a host sync,
+  so that one counter is left to advance (bias correction one step further); moments and
+  parameters are still restored.
+
+The decision is the same on every rank: the flag is MAX-all-reduced on the device (a collective
+enqueued like any other, no host sync), so ranks whose local loss looked healthy skip too.
+ZeroRedundancyOptimizer (masked through its local ``.optim``; every rank restores every parameter,
+as each receives the broadcast update) and FSDP2 (DTensor parameters and state, restored through
+their local shards) work alike.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from thermo import _dist
 from thermo.guard.config import GuardConfig
+
+SKIP_MODES = ("auto", "fused", "snapshot", "zero_grad")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a DTensor holds on this rank (the same storage: in-place writes reach it)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 class _DeviceSkip:
-    """Rung 1: decide on the device whether this step's update is applied, and mask it."""
+    """Rung 1: decide on the device whether this step's update is applied, and mask it.
+
+    Call it after the backward (and any clipping), before ``optimizer.step()``; call `restore`
+    right after ``optimizer.step()``. Between the two nothing reads a value on the host.
+
+    Attributes:
+        mode: the resolved mask: ``"fused"``, ``"snapshot"`` or ``"zero_grad"``.
+        flag: 0-d float device tensor, 1.0 when this step is skipped (same on every rank).
+    """
 
     def __init__(self, cfg: GuardConfig, optimizer, params: list[nn.Parameter], device):
         self.cfg = cfg
         self.params = params
+        self.inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer's local optimizer
         # (loss, grad norm) of recent healthy steps; NaN = empty slot
         self.window = torch.full((2, cfg.skip_window), float("nan"), device=device)
         self.filled = 0  # host-side count of window writes: which slot is next, no sync
         self.flag = torch.zeros((), device=device)
-        self.fused = _fused_optimizers(optimizer)
+        self._bad = torch.zeros((), dtype=torch.bool, device=device)
+        self._snap: dict[tuple, torch.Tensor] = {}  # (param index, state key | None) -> copy
+        self.mode = _resolve_mode(getattr(cfg, "skip_mode", "auto"), self.inner, params, device)
+        self.fused = [self.inner] if self.mode == "fused" else []
+        self._opt_params = [p for g in self.inner.param_groups for p in g["params"]]
+        self._fresh: list = []  # fused mode: params whose state this step creates (see restore)
+        self._stateful = False  # every optimizer param has state: no more first steps to watch
         for opt in self.fused:
             opt.found_inf = self.flag  # read by the fused kernels at optimizer.step()
 
@@ -32,27 +99,159 @@ class _DeviceSkip:
             std = (self.window - mean[:, None]).square().nanmean(dim=1).sqrt()
             bad = bad | (x > mean + cfg.skip_z * std).any()
         self.flag.copy_(bad)
+        if _dist.world_size() > 1:
+            # One decision for all ranks: a rank whose own loss spiked makes every rank skip.
+            # Enqueued on the device like any collective: no host sync.
+            dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
+        torch.gt(self.flag, 0, out=self._bad)
+        bad = self._bad
         # Only healthy steps enter the window (a skipped slot keeps its old value).
         slot = self.window[:, self.filled % cfg.skip_window]
         slot.copy_(torch.where(bad, slot, torch.nan_to_num(x)))
         self.filled += 1
-        if not self.fused:
-            for p in self.params:  # other optimizers: drop this step's gradient on the device
+        if self.mode == "snapshot":
+            self._take_snapshot()
+        elif self.mode == "fused" and not self._stateful:  # host-side dict lookups, no sync
+            self._fresh = [p for p in self._opt_params if not self.inner.state.get(p)]
+            self._stateful = not self._fresh
+        elif self.mode == "zero_grad":
+            for p in self.params:  # drop this step's gradient on the device (not exact: see above)
                 if p.grad is not None:
-                    g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                    g = _local(p.grad)
                     g.copy_(torch.where(bad, 0.0, g))
         return self.flag
+
+    # -- snapshot mode -------------------------------------------------------------------------
+
+    def _live(self) -> list[tuple[tuple, torch.Tensor]]:
+        """Every tensor a step may change, keyed by (param index, state key or None)."""
+        out = [((i, None), _local(p)) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):
+            for key, value in self.inner.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    t = _local(value)
+                    if t.device == self.flag.device:  # host-side `step` of a non-capturable Adam: see above
+                        out.append(((i, key), t))
+        return out
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        live = self._live()
+        for key, t in live:
+            old = self._snap.get(key)
+            if old is None or old.shape != t.shape or old.dtype != t.dtype:
+                self._snap[key] = torch.empty_like(t)  # the first step with this state: allocate once
+        torch._foreach_copy_([self._snap[k] for k, _ in live], [t for _, t in live])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """After ``optimizer.step()``: undo the step on the device where the flag says skip.
+
+        ``snapshot``: every parameter and state tensor back to its copy. ``fused``: the kernels
+        skipped the update, but torch's fused SGD creates its momentum buffers with
+        ``empty_like`` on the first step and leaves them unwritten when ``found_inf`` is set,
+        so the next step would read garbage (torch 2.13); state created by a skipped first step
+        is set to zeros here (Adam's initial state; "no buffer yet" for SGD with dampening=0).
+        """
+        bad = self._bad
+        if self.mode == "fused" and self._fresh:
+            for p in self._fresh:
+                for value in self.inner.state.get(p, {}).values():
+                    if isinstance(value, torch.Tensor) and _local(value).device == bad.device:
+                        t = _local(value)
+                        t.copy_(torch.where(bad, torch.zeros((), dtype=t.dtype, device=t.device), t))
+            self._fresh = []
+        if self.mode != "snapshot":
+            return
+        for key, t in self._live():
+            old = self._snap.get(key)
+            if old is not None and old.shape == t.shape and old.dtype == t.dtype:
+                t.copy_(torch.where(bad, old, t))
+            else:  # created by this very step (lazy state): back to the zeros it starts from
+                t.copy_(torch.where(bad, torch.zeros((), dtype=t.dtype, device=t.device), t))
+
+    @property
+    def extra_bytes(self) -> int:
+        """Device memory held by the snapshot (0 for the other modes)."""
+        return sum(t.numel() * t.element_size() for t in self._snap.values())
 
     def remove(self) -> None:
         for opt in self.fused:
             if getattr(opt, "found_inf", None) is self.flag:
                 del opt.found_inf
+        self._snap.clear()
 
 
-def _fused_optimizers(optimizer) -> list:
-    """The optimizers whose fused kernels honour ``found_inf`` (all of them, or none)."""
-    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer's local optimizer
-    fused_ok = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
-    if fused_ok and all(g.get("fused") for g in inner.param_groups):
-        return [inner]
-    return []
+def _is_fused(inner) -> bool:
+    """Whether every param group runs torch's fused Adam/AdamW/SGD kernel, which honours
+    ``found_inf`` (all of them, or none: the attribute is per optimizer)."""
+    kind = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD))
+    return kind and all(g.get("fused") for g in inner.param_groups)
+
+
+def _fused_available(inner, device) -> bool:
+    """Whether torch has a fused kernel for this optimizer on this device (the hint we give)."""
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
+        return False
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return torch.device(device).type in _get_fused_kernels_supported_devices()
+    except ImportError:  # moved in a later torch: no hint rather than a wrong one
+        return False
+
+
+def _snapshot_bytes(inner, params) -> tuple[int, str]:
+    """Bytes the snapshot will hold, and how they were counted (params + expected state)."""
+    nbytes = sum(_local(p).numel() * _local(p).element_size() for p in params)
+    if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        copies = 3 if any(g.get("amsgrad") for g in inner.param_groups) else 2
+        return nbytes * (1 + copies), f"parameters + {copies} Adam moments"
+    if isinstance(inner, torch.optim.SGD):
+        mom = any(g.get("momentum", 0) for g in inner.param_groups)
+        return nbytes * (2 if mom else 1), "parameters + momentum buffer" if mom else "parameters"
+    return nbytes, "parameters, plus a copy of whatever state the optimizer keeps"
+
+
+def _resolve_mode(mode: str, inner, params, device) -> str:
+    """The mask for `mode` on this optimizer; warns (rank 0, once, at construction) when the
+    skip costs memory or is not exact."""
+    name = type(inner).__name__
+    fused = _is_fused(inner)
+    if mode == "fused" and not fused:
+        raise ValueError(
+            f"GuardConfig.skip_mode='fused' needs torch's fused Adam/AdamW/SGD, got {name} "
+            f"without fused=True in every param group; construct it with fused=True, or use "
+            "skip_mode='auto' or 'snapshot'"
+        )
+    if mode == "auto":
+        mode = "fused" if fused else "snapshot"
+    if mode == "fused" or not _dist.is_rank0():
+        return mode
+    if mode == "zero_grad":
+        warnings.warn(
+            f"GuardConfig.skip_mode='zero_grad': a skipped step zeroes the gradients of {name}, "
+            "which is not exact (Adam's moments, step count and weight decay, SGD's momentum and "
+            "weight decay still move the weights). skip_mode='snapshot' is exact.",
+            stacklevel=4,
+        )
+        return mode
+    nbytes, what = _snapshot_bytes(inner, params)
+    hint = ""
+    if _fused_available(inner, device):
+        hint = (f" torch has a fused {name} kernel for {torch.device(device).type}: construct it with "
+                "fused=True for an exact skip with no extra memory.")
+    host_step = (isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
+                 and torch.device(device).type != "cpu"
+                 and not all(g.get("capturable") or g.get("fused") for g in inner.param_groups))
+    if host_step:
+        hint += (f" {name}(capturable=False) keeps its step count on the host: a skipped step "
+                 "restores parameters and moments but advances that counter (restoring it would "
+                 "be a host sync); capturable=True or fused=True makes it exact.")
+    warnings.warn(
+        f"thermo skips bad steps of {name} by snapshot and restore (GuardConfig.skip_mode="
+        f"'snapshot'): {nbytes / 2**20:.3g} MiB more device memory on this rank ({what}) and "
+        f"two extra copies per step.{hint} skip_mode='zero_grad' costs nothing but is not exact.",
+        stacklevel=4,
+    )
+    return mode
