@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import thermo
 from tests.reference import QKVCapture, Recorder, assert_close, grad_norm, logit_extremes
@@ -50,8 +51,9 @@ def test_every_value_matches_plain_recomputation(tmp_path, attn_impl, dtype):
     therm = thermo.Thermometer(model, run_dir=tmp_path, flush_every=3, attn_every=2)
     watched = [layer.name for layer in therm.layers if layer.kind != "attention"]
     blocks = [layer.name for layer in therm.layers if layer.kind == "block"]
-    attn = [layer.name for layer in therm.layers if layer.kind == "attention"]
-    assert blocks == ["h.0", "h.1"] and attn == ["h.0.attn", "h.1.attn"]
+    assert blocks == ["h.0", "h.1"]
+    assert not [layer for layer in therm.layers if layer.kind == "attention"]  # found by the 1st forward
+    attn = ["h.0.attn", "h.1.attn"]
     assert {"wte", "wpe", "ln_emb", "h.0.attn.c_attn", "h.1.mlp.c_fc", "ln_f", "lm_head"} <= set(watched)
     ref = Recorder(model, watched, grad_names=blocks)
     qkv = QKVCapture(model, attn, n_head=4)
@@ -62,6 +64,7 @@ def test_every_value_matches_plain_recomputation(tmp_path, attn_impl, dtype):
 
     records = train(model, therm, batches(7), autocast=dtype, on_step=on_step)
     therm.close()
+    assert [layer.name for layer in therm.layers if layer.kind == "attention"] == attn
     # sdpa logits are recomputed in fp32 from q, k; explicit ones are the model's own softmax
     # input, which under bf16 autocast is a bf16 matmul: equal to bf16 rounding.
     logit_rel = 2**-7 if (dtype is torch.bfloat16 and attn_impl == "explicit") else 1e-5
@@ -127,19 +130,51 @@ def test_per_head_logits(tmp_path):
     assert rec.layers[("h.1.attn", "attn_max")] == max(heads)
 
 
+class FoldedHeads(nn.Module):
+    """Attention over (batch·heads, T, T) scores: the logits' layout does not show the heads, and
+    the module declares no head attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):  # x: (B, T, 8), two heads of 4
+        B, T, _ = x.shape
+        q, k, v = (t.reshape(B, T, 2, 4).transpose(1, 2).reshape(B * 2, T, 4) for t in self.qkv(x).split(8, -1))
+        att = torch.bmm(q, k.transpose(1, 2)) * 0.5  # (B*2, T, T)
+        y = torch.bmm(att.softmax(-1), v)
+        return y.reshape(B, 2, T, 4).transpose(1, 2).reshape(B, T, 8)
+
+
 def test_per_head_needs_a_head_count():
-    class Attn(nn.Module):  # no head attribute anywhere
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return self.proj(x)
-
+    torch.manual_seed(0)
+    model = nn.Sequential(FoldedHeads(), nn.Linear(8, 1))
+    x = torch.randn(3, 5, 8)
+    therm = thermo.Thermometer(model, attn_per_head=True, flush_every=1, attn_every=1)
+    model(x).sum().backward()
     with pytest.raises(ValueError, match="attn_heads"):
-        thermo.Thermometer(nn.Sequential(Attn()), attn_per_head=True)
-    therm = thermo.Thermometer(nn.Sequential(Attn()), attn_per_head=True, attn_heads=2)
+        therm.step()
     therm.close()
+    therm = thermo.Thermometer(model, attn_per_head=True, attn_heads=2, flush_every=1, attn_every=1)
+    model(x).sum().backward()
+    (rec,) = therm.step()
+    therm.close()
+    q, k, _ = model[0].qkv(x).detach().double().split(8, -1)
+    q, k = (t.reshape(3, 5, 2, 4).transpose(1, 2) for t in (q, k))
+    # The first step's logits were seen before the heads were known: the layer's extremes only.
+    mx, mn = logit_extremes(q, k, 0.5, causal=False)
+    assert_close(rec.layers[("0", "attn_max")], mx, 1e-6, "max")
+    assert_close(rec.layers[("0", "attn_min")], mn, 1e-6, "min")
+    assert ("0", "attn_max.h0") not in rec.layers
+    therm = thermo.Thermometer(model, attn_per_head=True, attn_heads=2, flush_every=1, attn_every=1)
+    for _ in range(2):  # the second step is read per head
+        model(x).sum().backward()
+        recs = therm.step()
+    therm.close()
+    for head in range(2):
+        mx, mn = logit_extremes(q[:, head : head + 1], k[:, head : head + 1], 0.5, causal=False)
+        assert_close(recs[0].layers[("0", f"attn_max.h{head}")], mx, 1e-6, f"head {head} max")
+        assert_close(recs[0].layers[("0", f"attn_min.h{head}")], mn, 1e-6, f"head {head} min")
 
 
 def test_nonfinite_values_are_recorded_not_lost(tmp_path):
@@ -325,7 +360,7 @@ def test_bad_config_names_the_field(kw, field):
 def test_watch_selection_by_type_and_name():
     model = tiny_gpt()
     therm = thermo.Thermometer(
-        model, watch=("LayerNorm",), include=("*.mlp.c_fc",), exclude=("h.1*",), blocks=False,
+        model, watch=("LayerNorm",), include=("h.*.mlp.c_fc",), exclude=("h.1",), blocks=False,
         attention=False,
     )
     names = {layer.name for layer in therm.layers}
@@ -333,10 +368,45 @@ def test_watch_selection_by_type_and_name():
     assert names == {"ln_emb", "h.0.ln_1", "h.0.ln_2", "h.0.mlp.c_fc", "ln_f"}
 
 
+def test_patterns_are_module_paths_checked_at_construction():
+    model = tiny_gpt()
+    # '*' stays within one component: "h.*" is the two blocks, not the 14 modules inside them.
+    therm = thermo.Thermometer(model, watch=(), include=("h.*",), blocks=False, attention=False)
+    assert [layer.name for layer in therm.layers] == ["h.0", "h.1"]
+    therm.close()
+    therm = thermo.Thermometer(model, watch=(), include=("**.c_fc",), blocks=False, attention=False)
+    assert [layer.name for layer in therm.layers] == ["h.0.mlp.c_fc", "h.1.mlp.c_fc"]
+    therm.close()
+    for field in ("include", "exclude", "attn_modules"):
+        with pytest.raises(ValueError, match=rf"ThermometerConfig.{field}: pattern '\*.attn' matches no module"
+                                             r"(.|\n)*h.0.attn"):
+            thermo.Thermometer(model, **{field: ("*.attn",)})
+
+
+def test_attn_modules_must_compute_attention():
+    model = tiny_gpt()
+    therm = thermo.Thermometer(model, attn_modules=("h.0.attn.c_attn",), flush_every=1)
+    b = batches(1)[0]
+    model(b[:, :-1], b[:, 1:])[1].backward()
+    with pytest.raises(ValueError, match=r"names \['h.0.attn.c_attn'\], which computed no attention(.|\n)*"
+                                         r"Attention is computed in: 'h.0.attn', 'h.1.attn'"):
+        therm.step()
+    therm.close()
+    # A module with attention inside it may be named: its probe sees the calls of its children.
+    therm = thermo.Thermometer(model, attn_modules=("h.*",), flush_every=1, attn_every=1)
+    (rec,) = train(model, therm, batches(1))
+    therm.close()
+    assert [layer.name for layer in therm.layers if layer.kind == "attention"] == ["h.0", "h.1"]
+    assert ("h.0", "attn_max") in rec.layers and ("h.0.attn", "attn_max") not in rec.layers
+
+
 def test_no_attention_layer_is_reported():
     mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
-    with pytest.warns(UserWarning, match="found no attention layer"):
-        thermo.Thermometer(mlp).close()
+    therm = thermo.Thermometer(mlp, flush_every=1)
+    mlp(torch.randn(2, 4)).sum().backward()
+    with pytest.warns(UserWarning, match="saw no attention computed in the first forward of Sequential"):
+        therm.step()
+    therm.close()
 
 
 def test_attention_computed_some_other_way_is_reported():
@@ -352,8 +422,63 @@ def test_attention_computed_some_other_way_is_reported():
 
     model = nn.Sequential(OddAttention(), nn.Linear(8, 1))
     therm = thermo.Thermometer(model, flush_every=2, attn_every=1)
-    with pytest.warns(UserWarning, match=r"no attention logits were seen"):
+    model(torch.randn(2, 5, 8)).sum().backward()
+    with pytest.warns(UserWarning, match=r"saw no attention computed"):
+        therm.step()
+    therm.close()
+    therm = thermo.Thermometer(model, attn_modules=("0",))
+    model(torch.randn(2, 5, 8)).sum().backward()
+    with pytest.raises(ValueError, match=r"names \['0'\], which computed no attention(.|\n)*computed in: none"):
+        therm.step()
+    therm.close()
+
+
+def test_a_root_attention_module_is_watched():
+    class Attention(nn.Module):  # the model is the attention layer itself
+        def __init__(self):
+            super().__init__()
+            self.n_head = 2
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).split(8, -1))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+    torch.manual_seed(0)
+    model = Attention()
+    x = torch.randn(2, 6, 8)
+    therm = thermo.Thermometer(model, flush_every=1, attn_every=1)
+    model(x).square().sum().backward()
+    (rec,) = therm.step()
+    therm.close()
+    q, k, _ = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in model.qkv(x).detach().split(8, -1))
+    mx, mn = logit_extremes(q, k, 0.5, causal=True)
+    assert_close(rec.layers[("<root>", "attn_max")], mx, 1e-6, "max")
+    assert_close(rec.layers[("<root>", "attn_min")], mn, 1e-6, "min")
+
+
+def test_watched_modules_that_never_run_are_named_once():
+    class Tied(nn.Module):  # the head reuses the embedding's weight through F.linear
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.unused = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, idx):
+            return F.linear(self.emb(idx), self.emb.weight)
+
+    model = Tied()
+    therm = thermo.Thermometer(model, flush_every=2, attn_every=2, attention=False)
+    with pytest.warns(UserWarning, match=r"never ran in the first 2 steps, so they record nothing: \['unused', 'head'\]"):
         for _ in range(2):
-            model(torch.randn(2, 5, 8)).sum().backward()
+            model(torch.tensor([[1, 2, 3]])).sum().backward()
+            therm.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):  # once: later flushes say nothing
+            model(torch.tensor([[1, 2, 3]])).sum().backward()
             therm.step()
     therm.close()

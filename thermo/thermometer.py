@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,14 +18,18 @@ from thermo._io import atomic_write_json
 from thermo.buffer import StatsBuffer
 from thermo.probes import (
     DEFAULT_WATCH,
+    ROOT,
     ActivationHook,
+    AttentionFinder,
     AttentionProbe,
     AttentionSlots,
+    Found,
     class_names,
-    find_attention,
     find_blocks,
     grad_norm_and_nonfinite,
     head_count,
+    path_matches,
+    pattern_candidates,
     unwrap,
 )
 from thermo.store import StepRecord, Store
@@ -41,21 +44,28 @@ class ThermometerConfig:
             one collective (under torch.distributed) and one device-to-host copy.
         watch: class names of modules whose output is watched (matched against the class and
             its bases, so subclasses count; ``Conv1D`` is Hugging Face GPT-2's linear layer).
-        include: extra module-name patterns to watch (fnmatch, e.g. ``"*.mlp.act"``).
-        exclude: module-name patterns never watched (applies to everything above).
+        include: extra module paths to watch. Patterns are module-path globs: ``*`` and ``?``
+            stay within one dotted component, ``**`` spans any number (``"h.*.mlp.act"``,
+            ``"**.act"``). Every pattern here, in `exclude` and in `attn_modules` must match a
+            module when the thermometer is created, or it raises ``ValueError``.
+        exclude: module paths never watched, nor anything inside them (applies to everything
+            above and to attention layers).
         blocks: watch the output of each transformer block (members of a ModuleList or
             Sequential of identical modules).
         grad: whose output gradient amax is recorded: ``"blocks"``, ``"all"`` watched modules,
             or ``"none"``.
         attention: record attention-logit extremes of the attention layers.
-        attn_modules: name patterns of the attention modules; empty = find them by class name.
+        attn_modules: paths of the attention modules (globs as in `include`); empty = the
+            modules found computing attention in the first forward. A named module must compute
+            attention (itself or inside it) or the first `step` raises ``ValueError``.
         attn_every: compute the exact logit max/min every this many steps (0 = never). The
             second QKᵀ costs about as much as the attention matmul itself; see
             ``benchmarks/overhead.py`` for the figures behind the default.
         attn_bound: on every step, record a cheap upper bound of |logit| (max‖q‖·max‖k‖·scale)
             for layers using ``scaled_dot_product_attention``.
         attn_per_head: also record the logit extremes of each head.
-        attn_heads: head count per attention layer when it cannot be read off the module.
+        attn_heads: head count per attention layer when the logits' layout does not show it
+            (a softmax over (batch·heads, L, S)) and the module has no head attribute.
         grad_norm: record the global gradient norm (and the count of non-finite grads).
         count_nonfinite: also count non-finite elements of every watched output (one more
             pass over each output).
@@ -214,16 +224,17 @@ class Thermometer:
         self._extra_slots: dict[str, int] = {}
 
         _reset_stale_compiles()
-        device = _model_device(self.model)
+        self._names = [name for name, _ in self.model.named_modules()]
+        self._check_patterns()
+        self._device = _model_device(self.model)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        self.buffer = buf = StatsBuffer(device, cfg.flush_every)
-        self.layers = self._plan(buf)
-        self._gn_slot = buf.device_scalar("grad_norm") if cfg.grad_norm else None
-        self._gnf_slot = buf.device_scalar("grad_nonfinite") if cfg.grad_norm else None
-        self._extra_free = [buf.device_scalar(f"extra{i}") for i in range(cfg.extra_scalars)]
-        self._loss_slot = buf.sum_scalar("loss")
-        buf.allocate()
-        self._attach(buf)
+        self._act_hooks: list[ActivationHook] = []
+        # Until the first step, the finder looks for the attention; its layers join the buffer then.
+        self.buffer = self._new_buffer({})
+        self._attach_activations()
+        self._finder: AttentionFinder | None = None
+        if cfg.attention:
+            self._finder = AttentionFinder(self.model, cfg.record_eval, cfg.attn_bound)
         self._set_exact()
 
         self.store: Store | None = None
@@ -236,21 +247,54 @@ class Thermometer:
 
     # -- attaching -------------------------------------------------------------------------
 
-    def _plan(self, buf: StatsBuffer) -> list[Layer]:
-        """Choose the watched modules and attention layers and declare their slots."""
+    def _check_patterns(self) -> None:
+        """Every module-path pattern must match a module: a typo would silently watch nothing."""
+        cfg = self.config
+        names = [n or ROOT for n in self._names]
+        for fname in ("include", "exclude", "attn_modules"):
+            for p in getattr(cfg, fname):
+                if not any(path_matches(n, (p,)) for n in names):
+                    raise ValueError(
+                        f"ThermometerConfig.{fname}: pattern {p!r} matches no module of "
+                        f"{type(self.model).__name__}. Patterns are module paths: '*' stays within "
+                        f"one dotted component, '**' spans several (e.g. 'blocks.*.attn', '**.attn'). "
+                        f"Modules it may mean: {pattern_candidates(p, names)}"
+                    )
+
+    def _excluded(self, name: str) -> bool:
+        """A module is excluded if it or a module around it matches `exclude`."""
+        if not self.config.exclude:
+            return False
+        parts = (name or ROOT).split(".")
+        return any(path_matches(".".join(parts[:i]), self.config.exclude) for i in range(1, len(parts) + 1))
+
+    def _new_buffer(self, attn: dict[str, int | None]) -> StatsBuffer:
+        """Declare every slot (watched modules, the attention layers `attn`: module path ->
+        per-head count or None, step scalars) and allocate the device buffer."""
+        cfg = self.config
+        buf = StatsBuffer(self._device, cfg.flush_every)
+        self.layers = self._plan(buf, attn)
+        self._gn_slot = buf.device_scalar("grad_norm") if cfg.grad_norm else None
+        self._gnf_slot = buf.device_scalar("grad_nonfinite") if cfg.grad_norm else None
+        # Same declaration order every time: the slot numbers of `_extra_slots` stay valid.
+        free = [buf.device_scalar(f"extra{i}") for i in range(cfg.extra_scalars)]
+        self._extra_free = [s for s in free if s not in self._extra_slots.values()]
+        self._loss_slot = buf.sum_scalar("loss")
+        buf.allocate()
+        return buf
+
+    def _plan(self, buf: StatsBuffer, attn: dict[str, int | None]) -> list[Layer]:
+        """Choose the watched modules, declare their slots and those of the attention layers."""
         cfg = self.config
         blocks = set(find_blocks(self.model)) if cfg.blocks else set()
-        attn = set(find_attention(self.model, cfg.attn_modules)) if cfg.attention else set()
-        attn -= {n for n in attn if fnmatch_any(n, cfg.exclude)}
         watch = set(cfg.watch)
         self._act_plan: list[tuple[str, nn.Module, dict]] = []
         self._attn_plan: list[tuple[str, nn.Module, dict, int | None]] = []
         layers = []
         for name, mod in self.model.named_modules():
-            if not name or fnmatch_any(name, cfg.exclude):
-                continue
             is_block = name in blocks
-            if is_block or (class_names(mod) & watch) or fnmatch_any(name, cfg.include):
+            if name and not self._excluded(name) and (
+                    is_block or (class_names(mod) & watch) or path_matches(name, cfg.include)):
                 grad = cfg.grad == "all" or (cfg.grad == "blocks" and is_block)
                 slots = {"act_max": buf.max_slot(name, "act_max"), "act_min": buf.min_slot(name, "act_min")}
                 if grad:
@@ -260,42 +304,26 @@ class Thermometer:
                 self._act_plan.append((name, mod, slots))
                 layers.append(Layer(name, "block" if is_block else "module", list(slots)))
             if name in attn:
-                heads = None
-                if cfg.attn_per_head:
-                    heads = cfg.attn_heads or head_count(mod)
-                    if heads is None:
-                        raise ValueError(
-                            f"attn_per_head=True but the number of heads of attention layer "
-                            f"{name!r} ({type(mod).__name__}) cannot be read off the module; "
-                            "set ThermometerConfig.attn_heads"
-                        )
+                layer = name or ROOT
+                heads = attn[name]
                 slots = {
-                    "attn_max": buf.max_slot(name, "attn_max"),
-                    "attn_min": buf.min_slot(name, "attn_min"),
-                    "attn_bound": buf.max_slot(name, "attn_bound"),
+                    "attn_max": buf.max_slot(layer, "attn_max"),
+                    "attn_min": buf.min_slot(layer, "attn_min"),
+                    "attn_bound": buf.max_slot(layer, "attn_bound"),
                 }
                 if heads:
                     for stat, declare in (("attn_max", buf.max_slot), ("attn_min", buf.min_slot),
                                           ("attn_bound", buf.max_slot)):
-                        first = declare(name, f"{stat}.h0")
+                        first = declare(layer, f"{stat}.h0")
                         for h in range(1, heads):
-                            declare(name, f"{stat}.h{h}")
+                            declare(layer, f"{stat}.h{h}")
                         slots[f"{stat}.heads"] = first
                 self._attn_plan.append((name, mod, slots, heads))
-                layers.append(Layer(name, "attention", [s for s in slots if not s.endswith(".heads")]))
-        if cfg.attention and not self._attn_plan:
-            hint = ("no module matches attn_modules=" + repr(cfg.attn_modules)) if cfg.attn_modules else (
-                "no module class name contains 'attention' or 'attn'")
-            warnings.warn(
-                f"thermo found no attention layer in {type(self.model).__name__} ({hint}); "
-                "attention logits will not be recorded. Name them with "
-                "ThermometerConfig(attn_modules=('*.attn',)), or set attention=False.",
-                stacklevel=3,
-            )
+                layers.append(Layer(layer, "attention", [s for s in slots if not s.endswith(".heads")]))
         return layers
 
-    def _attach(self, buf: StatsBuffer) -> None:
-        cfg = self.config
+    def _attach_activations(self) -> None:
+        cfg, buf = self.config, self.buffer
         for _name, mod, slots in self._act_plan:
             hook = ActivationHook(
                 amax=buf.view(slots["act_max"]),
@@ -304,7 +332,11 @@ class Thermometer:
                 nonfinite=buf.view(slots["act_nonfinite"]) if "act_nonfinite" in slots else None,
                 record_eval=cfg.record_eval,
             )
+            self._act_hooks.append(hook)
             self._handles.append(mod.register_forward_hook(hook))
+
+    def _attach_attention(self) -> None:
+        cfg, buf = self.config, self.buffer
         for _name, mod, slots, heads in self._attn_plan:
             s = AttentionSlots(
                 max=buf.view(slots["attn_max"]),
@@ -315,17 +347,99 @@ class Thermometer:
                 s.head_max = buf.view(slots["attn_max.heads"], heads)
                 s.head_min = buf.view(slots["attn_min.heads"], heads)
                 s.head_bound = buf.view(slots["attn_bound.heads"], heads)
-            probe = AttentionProbe(s, bound=cfg.attn_bound)
+            probe = AttentionProbe(s, bound=cfg.attn_bound, heads=heads or cfg.attn_heads or head_count(mod),
+                                   record_eval=cfg.record_eval)
             self._attn_probes.append(probe)
             self._handles.append(mod.register_forward_pre_hook(probe.pre_hook))
             # always_call: the probe is popped even when the forward raises.
             self._handles.append(mod.register_forward_hook(probe.post_hook, always_call=True))
+
+    def _finish_discovery(self) -> None:
+        """At the first step after a recorded forward: probe the attention the finder saw, with
+        the logits it measured in those forwards, and drop the finder's hooks."""
+        finder, self._finder = self._finder, None
+        finder.remove()
+        attn = self._choose_attention(finder.found)
+        if self._row or self._pending is not None:
+            # Steps were recorded before any forward (rare): write them out in the old layout.
+            self.flush(wait=True)  # note: host sync, once
+        old_buf, old_plan = self.buffer, self._act_plan
+        self.buffer = buf = self._new_buffer(attn)
+        # Carry the activations of this step over and point the hooks at the new accumulators.
+        for hook, (_, _, old), (_, _, new) in zip(self._act_hooks, old_plan, self._act_plan):
+            for key in new:
+                buf.view(new[key]).copy_(old_buf.view(old[key]))
+            hook.amax, hook.amin = buf.view(new["act_max"]), buf.view(new["act_min"])
+            hook.grad_amax = buf.view(new["grad_max"]) if "grad_max" in new else None
+            hook.nonfinite = buf.view(new["act_nonfinite"]) if "act_nonfinite" in new else None
+        self._attach_attention()
+        for probe, (name, *_rest) in zip(self._attn_probes, self._attn_plan):
+            for got in finder.found[name].measured:
+                # A call whose layout shows no heads (a 3-d softmax) gives the layer's extremes only.
+                probe.record(got, per_head=probe.slots.head_max is None
+                             or got.heads == probe.slots.head_max.shape[0])
+        self._set_exact()
+        if self.store is not None:
+            self.store.set_meta("layers", [asdict(layer) for layer in self.layers])
+
+    def _choose_attention(self, found: dict[str, Found]) -> dict[str, int | None]:
+        """Module path -> per-head count (None unless attn_per_head) of the attention layers."""
+        cfg = self.config
+        mods = dict(self.model.named_modules())
+        computing = [n for n in self._names if n in found and found[n].kinds]
+        shown = ", ".join(repr(n or ROOT) for n in computing) or "none"
+        if cfg.attn_modules:
+            chosen = [n for n in self._names if path_matches(n or ROOT, cfg.attn_modules)]
+            idle = [n or ROOT for n in chosen if not (n in found and found[n].inside)]
+            if idle:
+                raise ValueError(
+                    f"ThermometerConfig.attn_modules={cfg.attn_modules!r} names {idle}, which computed "
+                    "no attention in the first forward (no scaled_dot_product_attention, "
+                    "multi_head_attention_forward or softmax over a q @ kᵀ product ran inside). "
+                    f"Attention is computed in: {shown}. Name those, or leave attn_modules empty to "
+                    "watch them."
+                )
+        else:
+            chosen = computing
+        chosen = [n for n in chosen if not self._excluded(n)]
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if isinstance(impl, str) and impl not in ("eager", "sdpa"):
+            warnings.warn(
+                f"{type(self.model).__name__} computes attention with attn_implementation={impl!r}, "
+                "whose logits thermo cannot read; load or configure the model with "
+                "attn_implementation='sdpa' (or 'eager') to record them.",
+                stacklevel=4,
+            )
+        elif not chosen:
+            warnings.warn(
+                f"thermo saw no attention computed in the first forward of {type(self.model).__name__}: "
+                "no module called scaled_dot_product_attention, multi_head_attention_forward or a "
+                "softmax over a q @ kᵀ product, so attention logits will not be recorded. A kernel "
+                "thermo cannot see (flash-attn, xformers) hides them; set attention=False if the "
+                "model has no attention.",
+                stacklevel=4,
+            )
+        attn = {}
+        for n in chosen:
+            heads = None
+            if cfg.attn_per_head:
+                heads = found[n].heads or cfg.attn_heads or head_count(mods[n])
+                if heads is None:
+                    raise ValueError(
+                        f"attn_per_head=True but the number of heads of attention layer {n or ROOT!r} "
+                        f"({type(mods[n]).__name__}) shows neither in its logits' layout nor on the "
+                        "module; set ThermometerConfig.attn_heads"
+                    )
+            attn[n] = heads
+        return attn
 
     def _set_exact(self) -> None:
         """Tell the attention probes whether the next step is a sampled (exact-logit) one."""
         exact = self._is_exact()
         for probe in self._attn_probes:
             probe.exact = exact
+        if self._finder is not None:
+            self._finder.exact = exact
 
     # -- recording -------------------------------------------------------------------------
 
@@ -355,6 +469,8 @@ class Thermometer:
         """
         if self._closed:
             raise RuntimeError("Thermometer.step() after close(): create a new Thermometer")
+        if self._finder is not None and self._finder.seen:
+            self._finish_discovery()
         if step is not None:
             self.step_count = int(step)
         meta = _RowMeta(step=self.step_count, wall_time=time.time(), exact=self._is_exact())
@@ -478,13 +594,28 @@ class Thermometer:
                 stacklevel=4,
             )
             return
-        silent = [n for n, *_ in self._attn_plan if n not in seen]
+        idle = [n for n in act if n not in seen]
+        if idle:
+            mods = dict(self.model.named_modules())
+            mha = [n for n in idle if n.endswith(".out_proj")
+                   and isinstance(mods.get(n.rsplit(".", 1)[0]), nn.MultiheadAttention)]
+            why = (" nn.MultiheadAttention uses its out_proj's weight through F.linear, so out_proj "
+                   "never runs (its output is the MultiheadAttention's: include=('**.self_attn',) "
+                   "watches it)." if mha else "")
+            warnings.warn(
+                f"thermo watches {len(idle)} module(s) whose forward never ran in the first "
+                f"{len(rows)} steps, so they record nothing: {idle}. A module whose weight is used "
+                f"directly (F.linear, a tied or shared weight) or that the forward skips never "
+                f"fires.{why} exclude=({', '.join(repr(n) for n in idle[:3])}{', ...' if len(idle) > 3 else ''}) "
+                "silences this.",
+                stacklevel=4,
+            )
+        silent = [n or ROOT for n, *_ in self._attn_plan if (n or ROOT) not in seen]
         if silent:
             warnings.warn(
-                f"attention layers {silent} were found but no attention logits were seen in "
-                f"{len(rows)} steps: they do not call scaled_dot_product_attention, softmax or "
-                "multi_head_attention_forward inside the module, so thermo cannot read their "
-                "logits. Point attn_modules at the module that does.",
+                f"attention layers {silent} computed attention in the first forward but no "
+                f"attention logits were seen in {len(rows)} steps (sampled steps are every "
+                f"{self.config.attn_every}); their attn_* keys stay empty.",
                 stacklevel=4,
             )
 
@@ -509,6 +640,9 @@ class Thermometer:
             h.remove()
         self._handles.clear()
         self._attn_probes.clear()
+        if self._finder is not None:
+            self._finder.remove()
+            self._finder = None
 
     def close(self) -> None:
         """Flush what is buffered, remove the hooks and close the store. Idempotent; under
@@ -531,9 +665,14 @@ class Thermometer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def fnmatch_any(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    def attention_head_max(self) -> dict[str, torch.Tensor]:
+        """The current step's per-head max attention logit of each attention layer recorded per
+        head (``attn_per_head=True``): layer name -> live (heads,) view of the device
+        accumulator. Valid from the forward until `step` moves it to the ring and resets it;
+        -inf where nothing exact was computed (an unsampled step, see ``attn_every``, or a
+        layer that did not run). Reading it is a host sync; QK-Clip uses it on the device."""
+        return {name: self.buffer.view(slots["attn_max.heads"], heads)
+                for name, _mod, slots, heads in self._attn_plan if heads}
 
 
 def _model_device(model: nn.Module) -> torch.device:
