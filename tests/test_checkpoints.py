@@ -189,14 +189,19 @@ def test_retention_keeps_last_k_plus_newest_good_and_drops_bad_and_strays(tmp_pa
     save_steps(ckpts, [10, 20])
     ckpts.promote(16)  # 10 good
     save_steps(ckpts, [30, 40])
-    assert [e.step for e in ckpts.entries] == [10, 30, 40]  # 10: the newest good
-    assert folders(tmp_path) == ["step_00000010", "step_00000030", "step_00000040"]
-    ckpts.mark_bad(35)
-    (tmp_path / "checkpoints" / "step_00000045").mkdir()  # a save killed before its commit
-    (tmp_path / "checkpoints" / "notes").mkdir()  # not ours: never touched
+    # 10: the newest good; 20: the next to become good; 30, 40: the last 2.
+    assert [e.step for e in ckpts.entries] == [10, 20, 30, 40]
+    ckpts.promote(26)  # 20 good
     save_steps(ckpts, [50])
-    assert [(e.step, e.health) for e in ckpts.entries] == [(10, "good"), (30, "pending"), (50, "pending")]
-    assert folders(tmp_path) == ["notes", "step_00000010", "step_00000030", "step_00000050"]
+    assert [e.step for e in ckpts.entries] == [20, 30, 40, 50]
+    assert folders(tmp_path) == ["step_00000020", "step_00000030", "step_00000040", "step_00000050"]
+    ckpts.mark_bad(45)
+    (tmp_path / "checkpoints" / "step_00000055").mkdir()  # a save killed before its commit
+    (tmp_path / "checkpoints" / "notes").mkdir()  # not ours: never touched
+    save_steps(ckpts, [60])
+    assert [(e.step, e.health) for e in ckpts.entries] == [(20, "good"), (30, "pending"), (40, "pending"),
+                                                          (60, "pending")]
+    assert folders(tmp_path) == ["notes", "step_00000020", "step_00000030", "step_00000040", "step_00000060"]
 
 
 def test_retention_keeps_a_good_checkpoint_from_before_the_horizon(tmp_path):
@@ -409,3 +414,130 @@ def test_two_rank_checkpoint_restores_in_one_process(two_rank_run, mode):
     for fqn, st in full["optim"].items():
         for k, v in st.items():
             assert torch.equal(state[fqn][k], v), (fqn, k)
+
+
+# -- mounts, integrity, trust, retention bound (issue 12) -------------------------------------
+
+
+def test_checkpoints_folder_as_a_symlink_to_another_disk_works_on_every_later_launch(tmp_path):
+    other = tmp_path / "scratch" / "ckpts"  # the usual HPC layout: RUN/checkpoints -> scratch
+    other.mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(other)
+    for launch in range(3):
+        ckpts = Checkpoints(run, keep_last=2, good_after=0)  # a later launch reads the manifest
+        save_steps(ckpts, [10 * launch + 10])
+        ckpts.promote(10 * launch + 10)
+    assert [e.step for e in Checkpoints(run).entries] == [20, 30]
+    assert sorted(p.name for p in other.iterdir()) == ["step_00000020", "step_00000030"]
+    m, o = tiny(seed=9)
+    Checkpoints(run).restore(Checkpoints(run).newest_good(), m, o)
+    assert torch.equal(m.weight, tiny()[0].weight)
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "empty thermo.json", "thermo.json not ours"])
+def test_a_bad_checkpoint_is_skipped_with_a_warning_for_the_next_good_one(tmp_path, damage):
+    ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
+    save_steps(ckpts, [10, 20])
+    ckpts.promote(20)
+    newest = tmp_path / "checkpoints" / "step_00000020"
+    if damage == "flipped byte":  # same size: only the checksum can tell
+        shard = max(newest.glob("*.distcp"), key=lambda f: f.stat().st_size)
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "empty thermo.json":
+        (newest / "thermo.json").write_text("")
+    else:
+        (newest / "thermo.json").write_text('{"format": "something else"}')
+    fresh = Checkpoints(tmp_path)  # another process: nothing cached
+    with pytest.warns(RuntimeWarning, match="step_00000020 is unusable"):
+        assert fresh.newest_good().step == 10
+    m, o = tiny(seed=5)
+    with pytest.raises(RunDirError, match="step_00000020 is unusable"):
+        fresh.restore(fresh.entries[1], m, o)  # never loaded, even when asked for by name
+    assert torch.equal(m.weight, tiny(seed=5)[0].weight)
+
+
+def test_the_manifest_holds_a_checksum_of_every_file(tmp_path):
+    import hashlib
+
+    ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
+    save_steps(ckpts, [10])
+    (entry,) = json.loads((tmp_path / MANIFEST_NAME).read_text())["checkpoints"]
+    folder = tmp_path / "checkpoints" / "step_00000010"
+    on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert sorted(entry["files"]) == on_disk and ".metadata" in on_disk and "thermo.json" in on_disk
+    for rel, (size, digest) in entry["files"].items():
+        data = (folder / rel).read_bytes()
+        assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
+
+
+def test_a_planted_symlink_for_a_step_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not thermo's")
+    run = tmp_path / "run"
+    ckpts = Checkpoints(run, keep_last=5, good_after=0)
+    save_steps(ckpts, [10])
+    (run / "checkpoints" / "step_00000020").symlink_to(outside)
+    with pytest.warns(RuntimeWarning, match="is a symlink, which thermo never writes"):
+        save_steps(ckpts, [20])
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]  # nothing written through it
+    assert not (run / "checkpoints" / "step_00000020").is_symlink()
+    # A link planted over a committed folder is refused when judged, and retention removes the
+    # link only, never what it points to.
+    shutil.rmtree(run / "checkpoints" / "step_00000020")
+    (run / "checkpoints" / "step_00000020").symlink_to(outside)
+    ckpts.promote(100)
+    with pytest.warns(RuntimeWarning, match="step_00000020 is unusable .*symlink"):
+        assert ckpts.newest_good().step == 10
+    save_steps(ckpts, [30])
+    assert (outside / "keep.txt").read_text() == "not thermo's"
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Boom.marker}",))
+
+
+def test_judging_a_checkpoint_never_unpickles(tmp_path):
+    """DCP's .metadata is a pickle: a crafted one must not run when thermo (or thermo supervise)
+    only judges whether a folder is usable. Its checksum gives it away; without checksums (a
+    manifest from before them) presence and sizes are all that is read."""
+    import pickle
+
+    _Boom.marker = tmp_path / "pwned"
+    ckpts = Checkpoints(tmp_path / "run", keep_last=5, good_after=0)
+    save_steps(ckpts, [10, 20])
+    ckpts.promote(20)
+    meta = tmp_path / "run" / "checkpoints" / "step_00000020" / ".metadata"
+    meta.write_bytes(pickle.dumps(_Boom()))
+    with pytest.warns(RuntimeWarning, match=r"\.metadata has 1\d\d bytes"):
+        assert Checkpoints(tmp_path / "run").newest_good().step == 10
+    manifest = tmp_path / "run" / MANIFEST_NAME
+    obj = json.loads(manifest.read_text())
+    for e in obj["checkpoints"]:
+        e.pop("files")
+    manifest.write_text(json.dumps(obj))
+    assert Checkpoints(tmp_path / "run").newest_good().step == 20  # judged by presence only
+    assert not _Boom.marker.exists()
+
+
+def test_retention_is_bounded_whatever_the_checkpoint_interval(tmp_path):
+    """--checkpoint-every 2 --keep-last 2 with a 200-step look-back kept 107 folders; now at most
+    keep_last + keep_between + 3, and a good one from before the look-back is always among them."""
+    cfg = CheckpointConfig(keep_last=2, good_after=10, horizon=210, keep_between=2)
+    ckpts = Checkpoints(tmp_path, cfg)
+    m, o = tiny()
+    for step in range(0, 401, 2):
+        ckpts.save(step, m, o)
+        ckpts.promote(step)
+        assert len(ckpts.entries) <= 2 + 2 + 3
+        assert len(folders(tmp_path)) == len(ckpts.entries)
+    steps = [e.step for e in ckpts.entries]
+    assert steps[-2:] == [398, 400]
+    # Every onset the detector can still report (up to 200 steps back, margin 10) has a target.
+    for onset in range(400 - 200, 401):
+        assert ckpts.newest_good(before_step=onset - 10) is not None

@@ -103,21 +103,20 @@ class DCPBackend:
             _set_rng(pickle.loads(state["rng"][rng_key]))
 
     def torn(self, path: Path) -> str | None:
-        if not (path / ".metadata").is_file():
+        # No unpickling here: DCP's .metadata is a pickle, and judging a folder must not run what
+        # a crafted one holds. Presence and sizes here; `Checkpoints.torn` adds the checksums the
+        # manifest recorded while saving, which catch a changed byte of any file.
+        meta = path / ".metadata"
+        if not meta.is_file():
             return ".metadata is missing: the save did not finish or files were deleted"
-        from torch.distributed.checkpoint import FileSystemReader
-
-        try:
-            storage = FileSystemReader(path).read_metadata().storage_data
-        except Exception as e:  # noqa: BLE001 - any unreadable .metadata means the same thing here
-            return f".metadata is unreadable ({type(e).__name__})"
-        need: dict[str, int] = {}
-        for info in storage.values():
-            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
-        for rel, size in need.items():
-            f = path / rel
-            if not f.is_file() or f.stat().st_size < size:
-                return f"{rel} is missing or shorter than recorded"
+        if meta.stat().st_size == 0:
+            return ".metadata is empty"
+        shards = sorted(path.glob("*.distcp"))
+        if not shards:
+            return "no .distcp data file: the save did not finish or files were deleted"
+        for f in shards:
+            if f.is_symlink() or f.stat().st_size == 0:
+                return f"{f.name} is empty or a symlink"
         return None
 
 

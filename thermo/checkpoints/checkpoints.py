@@ -23,6 +23,8 @@ from thermo.checkpoints.manifest import (
     STATE_FORMAT,
     STATE_NAME,
     CheckpointEntry,
+    _checksum,
+    _file_list,
     _parse_manifest,
     _step_folders,
     _torn,
@@ -185,8 +187,10 @@ class Checkpoints:
         return found
 
     def torn(self, entry: CheckpointEntry) -> str | None:
-        """Why `entry`'s folder cannot be loaded (missing, unfinished, short files), or None."""
-        return _torn(self.run_dir / entry.path, self.backend)
+        """Why `entry`'s folder cannot be loaded (missing, unfinished, short or changed files, a
+        symlink in its place, an empty ``thermo.json``), or None. Reads every file once per
+        process to check the checksums the manifest holds; never unpickles anything."""
+        return _torn(self.run_dir / entry.path, self.backend, entry.files)
 
     # -- save ------------------------------------------------------------------------------
 
@@ -233,6 +237,11 @@ class Checkpoints:
             if any(e.step == step for e in self._entries):
                 self._entries = [e for e in self._entries if e.step != step]
                 self._write_manifest()
+            if path.is_symlink():  # planted: never write through it (it could point anywhere)
+                warnings.warn(f"thermo: {path} is a symlink, which thermo never writes; removed the "
+                              "link (not what it points to) and saving a real folder", RuntimeWarning,
+                              stacklevel=2)
+                path.unlink()
             shutil.rmtree(path, ignore_errors=True)
             self.dir.mkdir(parents=True, exist_ok=True)
         _barrier()
@@ -257,7 +266,16 @@ class Checkpoints:
                     "extra": extra,
                 },
             )
-        _barrier()  # every rank has finished writing: now the checkpoint may count
+        _barrier()  # every rank has finished writing
+        # Checksums, the files shared out over the ranks (each reads back a share of what was
+        # just written, mostly from the page cache); then the checkpoint may count.
+        files = _file_list(path) if rank0 else None
+        files = _broadcast(files)
+        mine = {rel: _checksum(path, rel) for i, rel in enumerate(files) if i % _dist.world_size() == _dist.rank()}
+        sums: dict[str, list] = {}
+        for part in _all_gather(mine):
+            sums.update(part)
+        entry = replace(entry, files={rel: sums[rel] for rel in files})
         if rank0:
             self._entries.append(entry)
             self._write_manifest()
@@ -265,27 +283,54 @@ class Checkpoints:
         return entry
 
     def _retain(self) -> None:
-        live = sorted((e for e in self._entries if e.health != "bad"), key=lambda e: e.step)
-        keep = {e.step for e in live[-self.config.keep_last :]}
-        good = sorted(e.step for e in self._entries if e.health == "good")
-        if good:
-            keep.add(good[-1])
-            if self.config.horizon and live:
-                # A verdict's onset can lie up to `horizon` steps back: keep every good checkpoint
-                # in that window and the newest one before it (the oldest good one if none is
-                # that old), so each onset the detector can report has one to return to.
-                edge = live[-1].step - self.config.horizon
-                keep.update(s for s in good if s >= edge)
-                older = [s for s in good if s < edge]
-                keep.add(older[-1] if older else good[0])
+        keep = self._keep()
         dropped = [e for e in self._entries if e.step not in keep]
         if dropped:
             self._entries = [e for e in self._entries if e.step in keep]
             self._write_manifest()  # commit first, then delete (see save)
-        owned = {(self.run_dir / e.path).resolve() for e in self._entries}
+        owned = {os.path.normpath(self.run_dir / e.path) for e in self._entries}
         for folder in _step_folders(self.dir):
-            if folder.resolve() not in owned:
+            if os.path.normpath(folder) in owned and not folder.is_symlink():
+                continue
+            if folder.is_symlink():
+                folder.unlink()  # a planted link: remove it, never what it points to
+            else:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def _keep(self) -> set[int]:
+        """The steps retention keeps; at most ``keep_last + keep_between + 3`` of them:
+
+        - the newest `keep_last` that are not bad (the newest is what a crash resumes from);
+        - the newest good one, and the oldest pending one after it (the next to become good:
+          with checkpoints closer together than `good_after`, the others would all be deleted
+          before any became good);
+        - with a `horizon`: the newest good one older than ``newest - horizon`` (every onset a
+          future verdict can report lies after that edge, so this one serves all of them; the
+          oldest good one while none is that old), and up to `keep_between` good ones inside
+          the window, spread evenly (a rollback whose onset lies in the window redoes fewer
+          steps).
+        """
+        cfg = self.config
+        live = sorted(e.step for e in self._entries if e.health != "bad")
+        keep = set(live[-cfg.keep_last:])
+        good = sorted(e.step for e in self._entries if e.health == "good")
+        pending = [e.step for e in self._entries if e.health == "pending" and (not good or e.step > good[-1])]
+        if pending:
+            keep.add(min(pending))
+        if not good:
+            return keep
+        keep.add(good[-1])
+        if cfg.horizon and live:
+            edge = live[-1] - cfg.horizon
+            older = [s for s in good if s < edge]
+            keep.add(older[-1] if older else good[0])
+            inside = [s for s in good if s >= edge]
+            for k in range(1, cfg.keep_between + 1):
+                mark = edge + k * cfg.horizon / (cfg.keep_between + 1)
+                below = [s for s in inside if s <= mark]
+                if below:
+                    keep.add(below[-1])
+        return keep
 
     # -- restore ---------------------------------------------------------------------------
 
@@ -306,6 +351,9 @@ class Checkpoints:
         """
         path = self.run_dir / entry.path
         fix = "Pick another checkpoint (Checkpoints.newest_good skips unusable ones)."
+        why = _broadcast(self.torn(entry) if _dist.is_rank0() else None)  # every rank raises alike
+        if why is not None:
+            raise RunDirError(f"checkpoint {path} is unusable: {why}. {fix}")
         meta = read_json(path / STATE_NAME, "checkpoint state", fix)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise RunDirError(f"{path / STATE_NAME} is not a thermo checkpoint state. {fix}")
@@ -346,6 +394,16 @@ def _all_gather(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _dist.initialized():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier() -> None:

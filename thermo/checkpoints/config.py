@@ -18,10 +18,14 @@ class CheckpointConfig:
             sickness a later verdict finds cannot have begun before it.
         folder: folder of the checkpoints, relative to the run directory.
         rng: save and restore each rank's RNG states (python, numpy, torch CPU, CUDA).
-        horizon: also keep every good checkpoint of the last `horizon` steps and the newest one
-            before them (or, if none is that old, the oldest good one), so that a verdict whose
-            onset lies that far back still has a checkpoint to return to. The Guard sets it to
-            the detector's onset look-back plus the rollback margin when it is 0.
+        horizon: also keep the newest good checkpoint older than the last `horizon` steps (or,
+            if none is that old, the oldest good one), so that a verdict whose onset lies that
+            far back still has a checkpoint to return to. The Guard sets it to the detector's
+            onset look-back plus the rollback margin when it is 0.
+        keep_between: with a `horizon`, also keep up to this many good checkpoints inside it,
+            spread evenly: a rollback to an onset inside the window then redoes at most about
+            ``horizon / (keep_between + 1)`` steps more than it must. Retention keeps at most
+            ``keep_last + keep_between + 3`` checkpoints, whatever `checkpoint_every` is.
     """
 
     keep_last: int = 3
@@ -29,12 +33,15 @@ class CheckpointConfig:
     folder: str = "checkpoints"
     rng: bool = True
     horizon: int = 0
+    keep_between: int = 2
 
     def __post_init__(self):
         if self.keep_last < 1:
             raise ValueError(f"CheckpointConfig.keep_last must be >= 1, got {self.keep_last}")
         if self.good_after < 0:
             raise ValueError(f"CheckpointConfig.good_after must be >= 0, got {self.good_after}")
+        if not isinstance(self.keep_between, int) or self.keep_between < 0:
+            raise ValueError(f"CheckpointConfig.keep_between must be an int >= 0, got {self.keep_between!r}")
         if self.horizon < 0:
             raise ValueError(f"CheckpointConfig.horizon must be >= 0, got {self.horizon}")
         if not self.folder or Path(self.folder).is_absolute() or ".." in Path(self.folder).parts:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -37,6 +38,9 @@ class CheckpointEntry:
     world_size: int
     data: Any = None
     note: str = ""
+    # relative path in the folder -> [size in bytes, sha256 hex] of every file, taken while
+    # saving; None for checkpoints from before thermo recorded them (judged by sizes only).
+    files: dict[str, list] | None = None
 
 
 def rebuild_manifest(
@@ -96,17 +100,71 @@ def _write_manifest(path: Path, entries: list[CheckpointEntry], backend: str) ->
     )
 
 
-def _torn(path: Path, backend: CheckpointBackend) -> str | None:
+def _torn(path: Path, backend: CheckpointBackend, files: dict[str, list] | None = None) -> str | None:
+    """Why the folder at `path` cannot be loaded, or None. Reads no pickle: presence, sizes,
+    ``thermo.json`` (JSON) and, where the manifest recorded them, every file's checksum."""
+    if path.is_symlink():
+        return "it is a symlink, and thermo never writes one: refused (it could point anywhere)"
     if not path.is_dir():
         return "its folder is missing"
-    if not (path / STATE_NAME).is_file():
+    state = path / STATE_NAME
+    if not state.is_file() or state.is_symlink():
         return f"{STATE_NAME} is missing: the save did not finish or files were deleted"
+    try:
+        meta = json.loads(state.read_text())
+    except (OSError, ValueError, RecursionError):
+        return f"{STATE_NAME} is empty or not valid JSON"
+    if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+        return f"{STATE_NAME} is not a thermo checkpoint state"
+    if files is not None:
+        why = _verify(path, files)
+        if why is not None:
+            return why
     return backend.torn(path)
 
+
+def _file_list(path: Path) -> list[str]:
+    """Every regular file under the folder, relative, sorted (what the checksums cover)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _digest(f: Path) -> list:
+    with open(f, "rb") as fh:
+        return [os.fstat(fh.fileno()).st_size, hashlib.file_digest(fh, "sha256").hexdigest()]
+
+
+# (folder, file, size, mtime_ns) -> digest: a file verified or written by this process is not
+# read again while it stays unchanged (a supervisor judges the same folders after every launch).
+_verified: dict[tuple[str, str, int, int], list] = {}
+
+
+def _checksum(path: Path, rel: str) -> list:
+    f = path / rel
+    st = f.stat()
+    key = (str(path), rel, st.st_size, st.st_mtime_ns)
+    if key not in _verified:
+        _verified[key] = _digest(f)
+    return _verified[key]
+
+
+def _verify(path: Path, files: dict[str, list]) -> str | None:
+    for rel, (size, digest) in sorted(files.items()):
+        f = path / rel
+        if f.is_symlink() or not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were saved"
+        if _checksum(path, rel)[1] != digest:
+            return f"{rel} does not match the checksum taken when it was saved (the file changed or is corrupt)"
+    return None
+
+
 def _step_folders(folder: Path) -> list[Path]:
+    """The step folders (and symlinks planted under a step folder's name) in `folder`."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name))
+    return sorted(p for p in folder.iterdir()
+                  if (p.is_dir() or p.is_symlink()) and _STEP_DIR.fullmatch(p.name))
 
 
 def _parse_manifest(obj: Any, ckpts: Checkpoints, fix: str) -> list[CheckpointEntry]:
@@ -126,7 +184,6 @@ def _parse_manifest(obj: Any, ckpts: Checkpoints, fix: str) -> list[CheckpointEn
         raise RunDirError(f'{path}: "checkpoints" must be a list. {fix}')
     names = {f.name for f in fields(CheckpointEntry)}
     entries = []
-    root = ckpts.run_dir.resolve()
     for n, row in enumerate(rows):
         try:
             e = CheckpointEntry(**{k: v for k, v in row.items() if k in names})
@@ -135,9 +192,12 @@ def _parse_manifest(obj: Any, ckpts: Checkpoints, fix: str) -> list[CheckpointEn
                 and e.step >= 0
                 and e.health in HEALTH
                 and isinstance(e.path, str)
-                # Retention deletes these folders: never anything outside the run directory.
-                and (root / e.path).resolve().parent.is_relative_to(root)
+                # Retention deletes these folders: never anything outside the run directory. Checked
+                # on the path as written, so that RUN/checkpoints may be a symlink to another disk.
+                and not Path(e.path).is_absolute()
+                and ".." not in Path(e.path).parts
                 and _STEP_DIR.fullmatch(Path(e.path).name) is not None
+                and (e.files is None or _files_ok(e.files))
             )
         except (TypeError, AttributeError):
             ok = False
@@ -147,3 +207,11 @@ def _parse_manifest(obj: Any, ckpts: Checkpoints, fix: str) -> list[CheckpointEn
     if len({e.step for e in entries}) != len(entries):
         raise RunDirError(f"{path} lists a step twice. {fix}")
     return sorted(entries, key=lambda e: e.step)
+
+
+def _files_ok(files: Any) -> bool:
+    return isinstance(files, dict) and all(
+        isinstance(rel, str) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+        and isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+        for rel, v in files.items()
+    )
