@@ -96,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max-rollbacks", type=int, default=5)
     a("--skip-z", type=float, default=6.0,
       help="skip steps whose loss/grad norm exceed mean + z*sigma on the device (0: only non-finite)")
+    a("--qk-clip", type=float, default=None, metavar="TAU",
+      help="QK-Clip: scale W_q/W_k of heads whose exact max attention logit exceeds TAU (Kimi K2: 100)")
     a("--quiet", action="store_true", help="no progress line")
     # Fault injection, for the tests of `thermo supervise` (see _Faults); inert unless given.
     f = p.add_argument_group("fault injection (tests)").add_argument
@@ -330,8 +332,9 @@ def train(args) -> Summary:
     guard = Guard(
         model, opt, run_dir, data=sampler, fetch=fetch, scheduler=sched,
         config=GuardConfig(checkpoint_every=args.checkpoint_every, max_rollbacks=args.max_rollbacks,
-                           skip_z=args.skip_z or None),
-        thermometer=ThermometerConfig(flush_every=args.flush_every, attn_every=args.attn_every),
+                           skip_z=args.skip_z or None, qk_clip_tau=args.qk_clip),
+        thermometer=ThermometerConfig(flush_every=args.flush_every, attn_every=args.attn_every,
+                                      attn_per_head=args.qk_clip is not None),
         detector=faults.detector(
             DetectorConfig(dtype={"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32"))),
         checkpoints=CheckpointConfig(keep_last=args.keep_last, good_after=args.good_after),

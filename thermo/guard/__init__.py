@@ -5,9 +5,11 @@ The escalation ladder:
 
 1. A step whose loss or gradient norm is non-finite, or spikes past ``mean + skip_z·σ`` of the
    last ``skip_window`` healthy steps (OLMo-core's rule), is skipped **on the device**: the
-   decision is a tensor, and the update is masked by the optimizer (``found_inf`` of torch's
-   fused Adam/AdamW/SGD, the way GradScaler does it) or, for other optimizers, by zeroing that
-   step's gradients. No host sync.
+   decision is a tensor, reduced over ranks, and the update is masked so that parameters and
+   optimizer state stay bit-identical: ``found_inf`` of torch's fused Adam/AdamW/SGD (the way
+   GradScaler does it), else a snapshot restored with ``torch.where`` (``GuardConfig.skip_mode``,
+   `thermo.guard.skip`). No host sync. Optionally, QK-Clip (``GuardConfig.qk_clip_tau``,
+   `thermo.guard.qkclip`) scales W_q/W_k of heads whose exact max logit exceeds tau after the update.
 2. On a detector verdict, every rank together: mark checkpoints written after the onset bad,
    restore the newest good checkpoint before ``onset - rollback_margin``, blacklist the sample
    ids of steps ``[onset - skip_before, detection + skip_after]``, scale the LR down after
@@ -25,6 +27,7 @@ from thermo.guard.config import (
     GuardConfig,
 )
 from thermo.guard.guard import Guard
+from thermo.guard.qkclip import QKClip
 from thermo.guard.skip import _DeviceSkip as _DeviceSkip
 from thermo.guard.watch import Plan, Watch, broadcast, newest_usable, rollback_target, skip_window
 
@@ -34,6 +37,7 @@ __all__ = [
     "DivergenceError",
     "Guard",
     "GuardConfig",
+    "QKClip",
     "Plan",
     "Watch",
     "broadcast",

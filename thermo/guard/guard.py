@@ -14,6 +14,7 @@ from thermo.checkpoints import CheckpointConfig, Checkpoints
 from thermo.data import ResumableSampler, StatefulLoader
 from thermo.detector import DetectorConfig, Verdict
 from thermo.guard.config import GuardConfig
+from thermo.guard.qkclip import QKClip, qk_clip_thermometer
 from thermo.guard.skip import _DeviceSkip
 from thermo.guard.watch import Watch, broadcast
 from thermo.probes import grad_norm_and_nonfinite, unwrap
@@ -107,6 +108,7 @@ class Guard:
         sinks=(),
     ):
         self.data = _Data(data, fetch)
+        thermometer = qk_clip_thermometer(config, thermometer)  # QK-Clip reads per-head logits
         self.watch = w = Watch(model, run_dir, config=config, thermometer=thermometer, detector=detector,
                                checkpoints=checkpoints, sinks=sinks)
         self.run_dir, self.config, self.checkpoints, self.therm = w.run_dir, w.config, w.checkpoints, w.therm
@@ -114,6 +116,7 @@ class Guard:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self._params = [p for p in unwrap(model).parameters() if p.requires_grad]
         self.skip = _DeviceSkip(self.config, optimizer, self._params, self.therm.buffer.device)
+        self.qk_clip = QKClip(self.therm, self.config.qk_clip_tau) if self.config.qk_clip_tau else None
         self.step = 1
         self.lr_scale = 1.0
         self._verdicts: list[Verdict] = []  # this process's verdicts, for LR back-off regions
@@ -171,12 +174,16 @@ class Guard:
         elif isinstance(grad_norm, DTensor):  # clip_grad_norm_ under FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         skipped = self.skip(loss, grad_norm)
-        self._verdict = self.watch.record(self.step, loss, grad_norm, skipped=skipped)
+        # QK-Clip takes this step's per-head logits before `record` moves them to the ring.
+        hot = {} if self.qk_clip is None else {"qk_clip_heads": self.qk_clip.capture()}
+        self._verdict = self.watch.record(self.step, loss, grad_norm, skipped=skipped, **hot)
         return skipped
 
     def after_step(self) -> None:
         """After ``optimizer.step()`` (and the scheduler's): checkpoint, act on a verdict."""
         self.skip.restore()  # a skipped step's update undone on the device (skip_mode="snapshot")
+        if self.qk_clip is not None:
+            self.qk_clip.apply(self.skip.flag)  # after the update (not a skipped one), before checkpoints
         verdict, self._verdict = self._verdict, None
         if verdict is not None:
             self._rollback(verdict)
