@@ -157,7 +157,9 @@ class Thermometer:
 
     Args:
         model: the model (DDP- and torch.compile-wrapped models are unwrapped). Attach before
-            the first compiled call.
+            the first compiled call. Its attention layers are found on its first forward
+            (the modules that call scaled_dot_product_attention, multi_head_attention_forward
+            or a softmax over a q @ kᵀ product) and join `layers` at the first `step`.
         run_dir: where ``thermo.db`` and ``config.json`` go (rank 0 writes). None keeps the
             records in memory only (`step` and `flush` still return them).
         config: a `ThermometerConfig`; keyword overrides of its fields are accepted too.
@@ -181,9 +183,11 @@ class Thermometer:
     ``act_min``         min of the module output
     ``grad_max``        max |gradient| w.r.t. the module output (blocks by default)
     ``act_nonfinite``   largest count of non-finite output elements in one forward (opt-in)
-    ``attn_max``        exact max of q·kᵀ·scale over unmasked positions (sampled steps)
-    ``attn_min``        exact min of q·kᵀ·scale over unmasked positions (sampled steps)
-    ``attn_bound``      max‖q‖·max‖k‖·scale ≥ |logit|, every step (sdpa layers)
+    ``attn_max``        exact max of the logits the softmax sees, q·kᵀ·scale + any additive
+                        bias (T5 position bias, ALiBi, a float mask's finite values), over
+                        unmasked positions (sampled steps); the same on sdpa and eager paths
+    ``attn_min``        exact min of the same (sampled steps)
+    ``attn_bound``      max‖q‖·max‖k‖·scale + max|bias| ≥ |logit|, every step (sdpa layers)
     ``attn_*.h<i>``     the same per head (``attn_per_head=True``)
     ==================  ===============================================================
 
@@ -586,7 +590,8 @@ class Thermometer:
         self._silence_checked = True
         seen = {layer for rec in records for (layer, _stat) in rec.layers}
         act = [n for n, _m, _s in self._act_plan]
-        if act and not any(n in seen for n in act):
+        if (act or self._attn_plan) and seen.isdisjoint(act) and seen.isdisjoint(
+                n or ROOT for n, *_ in self._attn_plan):
             warnings.warn(
                 f"no thermometer hook fired in {len(rows)} steps. If the model was compiled "
                 "before thermo attached, its compiled code skips hooks: attach first, then "
@@ -597,8 +602,8 @@ class Thermometer:
         idle = [n for n in act if n not in seen]
         if idle:
             mods = dict(self.model.named_modules())
-            mha = [n for n in idle if n.endswith(".out_proj")
-                   and isinstance(mods.get(n.rsplit(".", 1)[0]), nn.MultiheadAttention)]
+            mha = [n for n in idle if n.rsplit(".", 1)[-1] == "out_proj"
+                   and isinstance(mods.get(n.rsplit(".", 1)[0] if "." in n else ""), nn.MultiheadAttention)]
             why = (" nn.MultiheadAttention uses its out_proj's weight through F.linear, so out_proj "
                    "never runs (its output is the MultiheadAttention's: include=('**.self_attn',) "
                    "watches it)." if mha else "")
@@ -613,7 +618,7 @@ class Thermometer:
         silent = [n or ROOT for n, *_ in self._attn_plan if (n or ROOT) not in seen]
         if silent:
             warnings.warn(
-                f"attention layers {silent} computed attention in the first forward but no "
+                f"thermo: attention layers {silent} computed attention in the first forward but no "
                 f"attention logits were seen in {len(rows)} steps (sampled steps are every "
                 f"{self.config.attn_every}); their attn_* keys stay empty.",
                 stacklevel=4,
