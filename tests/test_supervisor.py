@@ -564,10 +564,28 @@ def test_blacklist_cli_lists_adds_and_removes_with_events(tmp_path):
                   {"added": [], "removed": [5, 17], "reason": "removed by hand", "source": "user"}]
 
 
+def test_blacklist_cli_takes_a_hundred_billion_ids_as_one_range(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    r = CliRunner().invoke(cli, ["blacklist", str(run), "add", "0-100000000000", "--reason", "all of shard 0"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == "added 100000000001 of 100000000001 ids: 0-100000000000"
+    r = CliRunner().invoke(cli, ["blacklist", str(run)])
+    assert r.output.splitlines() == [f"100000000001 blacklisted samples in {run}",
+                                     "  [user] 100000000001: all of shard 0", "      0-100000000000"]
+    (ev,) = events(run, "blacklist")["data"]
+    assert ev["added"] == 100000000001 and ev["added_ranges"] == [[0, 100000000000]]
+    assert (run / "blacklist.json").stat().st_size < 1000
+
+
 @pytest.mark.parametrize("args, words", [
     (["add", "x1"], "'x1' is not a sample id"),
     (["add"], "add needs sample ids"),
     (["list", "3"], "list takes no ids"),
+    (["add", "5-3"], "the range '5-3' ends before it starts; write it as 3-5"),
+    (["add", "1-2-3"], "'1-2-3' is not a sample id"),
+    (["add", "5-"], "'5-' is not a sample id"),
+    (["add", "0-99999999999999999999"], "goes past the largest sample id"),
 ])
 def test_blacklist_cli_bad_input(tmp_path, args, words):
     (tmp_path / "r").mkdir()

@@ -217,25 +217,39 @@ def supervise(run_dir: Path, command: tuple[str, ...], max_restarts: int, max_st
     sys.exit(outcome.exit_code)
 
 
-def _parse_ids(specs: tuple[str, ...]) -> list[int]:
-    ids: list[int] = []
+def _parse_ids(specs: tuple[str, ...]):
+    """Ids and inclusive ranges ("17", "100-120", "3,5-9") as an IdSet, never a list: a range may
+    hold a hundred billion ids."""
+    from thermo.data.blacklist import MAX_ID, IdSet
+
+    ranges = []
     for part in (p.strip() for spec in specs for p in spec.split(",")):
         lo, sep, hi = part.partition("-")
         if not (lo.isdigit() and (not sep or hi.isdigit())):
             raise ValueError(f"{part!r} is not a sample id or a range like 100-120")
-        ids.extend(range(int(lo), int(hi or lo) + 1))
-    return ids
+        first, last = int(lo), int(hi or lo)
+        if last < first:
+            raise ValueError(f"the range {part!r} ends before it starts; write it as {last}-{first}")
+        if last >= MAX_ID:
+            raise ValueError(f"{part!r} goes past the largest sample id, 2**62 - 1")
+        ranges.append((first, last))
+    return IdSet.from_ranges(ranges)
 
 
-def _ranges(ids: list[int]) -> str:
-    out, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return " ".join(out)
+def _ranges(ids) -> str:
+    """'7 17 100-103' for an IdSet (or sorted ids); long lists are cut after 20 ranges."""
+    from thermo.data.blacklist import IdSet
+
+    rs = IdSet.from_ids(ids).ranges()
+    text = " ".join(str(a) if a == b else f"{a}-{b}" for a, b in rs[:20])
+    return text + (f" ... ({len(rs) - 20} more ranges)" if len(rs) > 20 else "")
+
+
+def _ids_json(ids) -> dict:
+    """An event's ids: the list itself when short, else the count and the ranges."""
+    if len(ids) <= 10_000:
+        return {"ids": list(ids)}
+    return {"ids": len(ids), "ranges": [list(r) for r in ids.ranges()[:10_000]]}
 
 
 @main.command()
@@ -267,14 +281,17 @@ def blacklist(run_dir: Path, action: str, ids: tuple[str, ...], reason: str, as_
     if action == "list":
         if ids:
             raise ValueError("list takes no ids")
-        entries = Blacklist.load(run_dir).entries
+        bl = Blacklist.load(run_dir)
         if as_json:
-            click.echo(json.dumps([{"id": i, **asdict(e)} for i, e in sorted(entries.items())], indent=1))
+            click.echo(json.dumps([{"id": i, **asdict(e)} for i, e in sorted(bl.entries.items())], indent=1)
+                       if len(bl) <= 1_000_000 else
+                       [{"ranges": ids.ranges(), **asdict(e)} for e, ids in bl.groups])
             return
-        click.echo(f"{len(entries)} blacklisted samples in {run_dir}")
-        groups: dict[tuple, list[int]] = {}
-        for i, e in sorted(entries.items()):
-            groups.setdefault((e.source, e.reason), []).append(i)
+        click.echo(f"{len(bl)} blacklisted samples in {run_dir}")
+        groups: dict[tuple, object] = {}
+        for e, members in bl.groups:
+            key = (e.source, e.reason)
+            groups[key] = groups[key] | members if key in groups else members
         for (source, why), members in groups.items():
             click.echo(f"  [{source}] {len(members)}: {why}\n      {_ranges(members)}")
         return
@@ -284,16 +301,18 @@ def blacklist(run_dir: Path, action: str, ids: tuple[str, ...], reason: str, as_
     bl = Blacklist.load(run_dir)  # a broken blacklist or store fails before anything is written
     with Store(run_dir) as store:
         if action == "add":
-            added, removed = bl.add(wanted, reason=reason, source="user"), []
+            added, removed = bl.add_set(wanted, reason=reason, source="user"), wanted - wanted
         else:
-            added, removed = [], bl.remove(wanted)
+            added, removed = wanted - wanted, bl.remove_set(wanted)
+        a, r = _ids_json(added), _ids_json(removed)
         store.event("blacklist", f"{action} by hand: {len(added) or len(removed)} samples ({reason})"
                     if action == "add" else f"remove by hand: {len(removed)} samples",
-                    added=added, removed=removed, reason=reason if action == "add" else "removed by hand",
-                    source="user")
+                    added=a["ids"], removed=r["ids"], reason=reason if action == "add" else "removed by hand",
+                    source="user", **({"added_ranges": a["ranges"]} if "ranges" in a else {}),
+                    **({"removed_ranges": r["ranges"]} if "ranges" in r else {}))
     done = added if action == "add" else removed
     click.echo(f"{'added' if action == 'add' else 'removed'} {len(done)} of {len(wanted)} ids"
-               + (f": {_ranges(done)}" if done else " (nothing changed)"))
+               + (f": {_ranges(done)}" if len(done) else " (nothing changed)"))
 
 
 if __name__ == "__main__":

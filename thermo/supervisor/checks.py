@@ -105,7 +105,7 @@ def _newest_usable(run_dir: Path) -> int | None:
 
 def _lock(run_dir: Path) -> int:
     """One supervisor per run directory (the lock goes with the process, however it dies)."""
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who shares it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
