@@ -80,6 +80,61 @@ def section(dom: str, section_id: str) -> str:
     return dom[start:end]
 
 
+# Scripts a test puts in a page (``app.index_string`` or the report) to act like a user: real
+# mouse events on plotly's drag layer, so zoom and click go through plotly's own handlers.
+USER_JS = r"""
+window.thermoUser = (function () {
+  function mouse(type, x, y) {
+    var el = document.elementFromPoint(x, y) || document.body;
+    el.dispatchEvent(new MouseEvent(type, {bubbles: true, cancelable: true, view: window,
+      clientX: x, clientY: y, button: 0, buttons: type === 'mouseup' ? 0 : 1}));
+  }
+  function graph(id) { return document.querySelector('#' + id + ' .js-plotly-plot'); }
+  function box(gd) { return gd.querySelector('.nsewdrag').getBoundingClientRect(); }
+  return {
+    graph: graph,
+    // Drag across the middle of the plot from fraction a to b of its width: an x zoom.
+    zoom: function (gd, a, b) {
+      var r = box(gd), y = r.top + r.height / 2;
+      var x0 = r.left + a * r.width, x1 = r.left + b * r.width;
+      mouse('mousemove', x0, y); mouse('mousedown', x0, y);
+      for (var i = 1; i <= 10; i++) mouse('mousemove', x0 + (x1 - x0) * i / 10, y + i * 0.2);
+      mouse('mouseup', x1, y + 2);
+    },
+    // Click the heatmap row holding category `name` (its middle column).
+    clickRow: function (gd, name) {
+      var ya = gd._fullLayout.yaxis, r = box(gd);
+      var y = r.top + ya.l2p(ya.d2l(name));
+      var x = r.left + r.width / 2;
+      mouse('mousemove', x, y); mouse('mousedown', x, y); mouse('mouseup', x, y);
+      document.elementFromPoint(x, y).dispatchEvent(new MouseEvent('click', {bubbles: true,
+        clientX: x, clientY: y, view: window}));
+    },
+    // Click the `label` button of the figure's first button menu (linear/log).
+    button: function (gd, label) {
+      var b = Array.prototype.filter.call(gd.querySelectorAll('.updatemenu-button'),
+        function (g) { return g.textContent.trim() === label; })[0];
+      b.dispatchEvent(new MouseEvent('click', {bubbles: true, view: window}));
+    },
+    report: function (obj) {
+      var out = document.getElementById('thermo-test-result');
+      if (!out) { out = document.createElement('pre'); out.id = 'thermo-test-result'; document.body.appendChild(out); }
+      out.textContent = JSON.stringify(obj);
+    }
+  };
+})();
+"""
+
+
+def page_result(dom: str):
+    """What the page's script reported with ``thermoUser.report`` (None if it never did)."""
+    import html
+    import json
+
+    text = element_text(dom, "thermo-test-result")
+    return None if text is None else json.loads(html.unescape(text))
+
+
 # -- real runs ---------------------------------------------------------------------------------
 
 

@@ -121,25 +121,38 @@ def test_reader_never_waits_for_the_writer(tmp_path):
 def test_app_serves_layout_and_callback_matches_store(tmp_path):
     with Store(tmp_path) as store:
         store.write([_rec(s, loss=5.0 - 0.1 * s) for s in range(20)])
-    app = create_app(tmp_path, REPO / "dashboards" / "attention.json")
+    app = create_app(tmp_path, "attention")
     client = app.server.test_client()
     assert client.get("/").status_code == 200
     layout = json.dumps(client.get("/_dash-layout").get_json())
-    for i, panel in enumerate(plots.load_layout(REPO / "dashboards" / "attention.json")["panels"]):
+    for i, panel in enumerate(plots.load_layout("attention")["panels"]):
         assert f"panel-{i}-{panel['type']}" in layout
-    dep = client.get("/_dash-dependencies").get_json()[0]
-    body = {"output": dep["output"], "outputs": [_parse_output(o) for o in dep["output"][2:-2].split("...")],
-            "inputs": [{"id": "thermo-tick", "property": "n_intervals", "value": 1}],
-            "state": [{"id": "thermo-version", "property": "data", "value": -1}],
-            "changedPropIds": ["thermo-tick.n_intervals"]}
+    deps = client.get("/_dash-dependencies").get_json()
+    dep = next(d for d in deps if "graph-0.figure" in d["output"])
+    body = _body(dep, {"thermo-tick.n_intervals": 1, "thermo-version.data": -1})
     resp = client.post("/_dash-update-component", json=body).get_json()["response"]
     assert resp["thermo-last-step"]["children"] == "19"
     assert float(resp["thermo-loss"]["children"]) == pytest.approx(5.0 - 0.1 * 19)
     assert resp["graph-0"]["figure"]["data"], "attention panel is empty"
+    headline = json.dumps(resp["thermo-headline"]["children"])
+    assert "training" in headline and "no verdicts" in headline
     # same version again: nothing is rebuilt or resent
-    body["state"][0]["value"] = resp["thermo-version"]["data"]
+    body = _body(dep, {"thermo-tick.n_intervals": 2,
+                       "thermo-version.data": resp["thermo-version"]["data"]})
     again = client.post("/_dash-update-component", json=body)
     assert again.status_code == 204 or "graph-0" not in (again.get_json() or {}).get("response", {})
+
+
+def _body(dep: dict, values: dict) -> dict:
+    """A /_dash-update-component request for callback `dep`, every input and state given
+    (`values` by "id.property", None otherwise), triggered by the first value."""
+    def items(specs):
+        return [{"id": x["id"], "property": x["property"],
+                 "value": values.get(f"{x['id']}.{x['property']}")} for x in specs]
+    return {"output": dep["output"],
+            "outputs": [_parse_output(o) for o in dep["output"][2:-2].split("...")],
+            "inputs": items(dep["inputs"]), "state": items(dep["state"]),
+            "changedPropIds": [next(iter(values))]}
 
 
 def _parse_output(spec: str) -> dict:
@@ -247,3 +260,122 @@ def test_cli_dashboard_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# Zoom the loss panel and pick log on the attention panel once both are drawn, then wait for a
+# refresh that brings new rows, and report what the axes hold after it.
+_ZOOM_JS = r"""
+(function () {
+  var U = window.thermoUser, phase = 0, n0 = 0, zoomed = null, seen = 0;
+  setInterval(function () {
+    var loss = U.graph('graph-0'), attn = U.graph('graph-4'), heat = U.graph('graph-1');
+    if (!loss || !attn || !heat || !loss.data || !attn.data || !loss.data.length) return;
+    var n = loss.calcdata && loss.calcdata[0] ? loss.calcdata[0].length : 0;
+    // (once the page script has hooked the graphs: a user is slower than this test)
+    var hooked = loss.__thermoRelayout && attn.__thermoRelayout && heat.__thermoRelayout;
+    if (phase === 0 && hooked && n >= 5 && attn.data.length) {
+      U.zoom(loss, 0.3, 0.6);
+      U.button(attn, 'log');
+      zoomed = loss.layout.xaxis.range.slice();
+      n0 = n; phase = 1;
+    } else if (phase === 1 && n > n0 && ++seen >= 2) {
+      phase = 2;
+      U.report({zoomed: zoomed, after: loss.layout.xaxis.range, heat: heat.layout.xaxis.range,
+                n0: n0, n1: n, attn_type: attn.layout.yaxis.type,
+                autorange: loss.layout.xaxis.autorange});
+    }
+  }, 100);
+})();
+"""
+
+
+def _serve(app):
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/"
+
+
+def _with_script(app, js: str):
+    app.index_string = app.index_string.replace(
+        "{%renderer%}", "{%renderer%}<script>" + _viz.USER_JS + js + "</script>")
+    return app
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_viz.chromium() is None,
+                    reason="chromium not installed (apt-get update && apt-get install -y chromium)")
+def test_zoom_and_scale_survive_refreshes_and_the_headline_tells_the_story(training, tmp_path):
+    run_dir, proc = training
+    _wait(lambda: (s := _store_last(run_dir)) is not None and s.step >= 10, 90,
+          "the trainer's first flushes", proc)
+    with Store(run_dir) as store:
+        store.event("verdict", "act_max of h.1 grew", step=9, kind="growth", signal="act_max",
+                    layer="h.1", onset_step=4, detection_step=9, evidence={}, cause="data")
+        store.event("rollback", "rolled back", step=9, from_step=9, to_step=3, onset_step=4,
+                    detection_step=9, n_blacklisted=24, action="rollback")
+    app = _with_script(create_app(run_dir, {**plots.load_layout(), "refresh_s": 0.5}), _ZOOM_JS)
+    server, url = _serve(app)
+    try:
+        dom = _viz.load(url, size=(1100, 1500), budget_ms=12000)
+    finally:
+        server.shutdown()
+    got = _viz.page_result(dom)
+    assert got is not None, "the page never saw a refresh with new rows after the zoom"
+    assert got["n1"] > got["n0"], got  # new rows arrived ...
+    assert got["after"] == pytest.approx(got["zoomed"]), got  # ... and the zoom stayed
+    assert got["zoomed"][1] - got["zoomed"][0] < 0.5 * got["n0"] * 1.0, got
+    assert got["heat"] == pytest.approx(got["zoomed"]), got  # the step axes are linked
+    assert got["attn_type"] == "log", got  # the scale picked with the button stayed too
+    assert _viz.element_text(dom, "thermo-run-status") == "training"
+    incidents = _viz.section(dom, "thermo-headline") or dom
+    assert ("step 9: growth of act_max in h.1 (onset 4, cause: data) → rolled back to step 3; "
+            "blacklisted 24 samples") in incidents
+
+
+_CLICK_JS = r"""
+(function () {
+  var U = window.thermoUser, done = false, before = null;
+  setInterval(function () {
+    var heat = U.graph('graph-3'), layer = U.graph('thermo-layer-graph');
+    if (done || !heat || !heat.data || !heat.data.length || !layer || !layer.layout.title) return;
+    var title = layer.layout.title.text || '';
+    if (before === null && /^layer h/.test(title)) {
+      before = title;
+      U.clickRow(heat, 'h.0.attn');
+    } else if (before !== null && title !== before) {
+      done = true;
+      U.report({before: before, after: title,
+                traces: layer.data.map(function (t) { return t.name; })});
+    }
+  }, 100);
+})();
+"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_viz.chromium() is None,
+                    reason="chromium not installed (apt-get update && apt-get install -y chromium)")
+def test_clicking_a_heatmap_row_shows_that_layers_curve(tmp_path_factory, tmp_path):
+    run_dir = _viz.shared_incident_run(tmp_path_factory)
+    app = _with_script(create_app(run_dir), _CLICK_JS)
+    server, url = _serve(app)
+    try:
+        shot = tmp_path / "incident.png"
+        dom = _viz.load(url, screenshot=shot, size=(1100, 3600), budget_ms=10000)
+    finally:
+        server.shutdown()
+    got = _viz.page_result(dom)
+    # before any click the layer panel shows the verdict's layer; the click switches it
+    assert got is not None, "the layer panel never changed after the click"
+    assert (got["before"], got["after"]) == ("layer h.1.attn", "layer h.0.attn"), got
+    # one row per statistic the layer records, each with its rolled-back branch
+    assert got["traces"][:2] == ["attn_max", "attn_max (rolled back)"], got
+    assert "attn_min (rolled back)" in got["traces"], got
+    # the heatmap strip of the rolled-back branch is drawn, with the verdict's row marked
+    heat = _viz.section(dom, "panel-3-heatmap")
+    assert "rolled-back branch" in heat and "▶ h.1.attn" in heat
+    assert "gave up" not in _viz.section(dom, "thermo-headline")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "dashboard-incident.png")

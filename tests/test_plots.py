@@ -218,17 +218,18 @@ def test_events_table_lists_every_kind(incident):
 
 
 def test_shipped_layouts_are_valid_and_default_matches():
-    default = json.loads((REPO / "dashboards" / "default.json").read_text())
+    default = json.loads(plots.layout_path("default").read_text())
     assert default == plots.DEFAULT_LAYOUT
-    for path in sorted((REPO / "dashboards").glob("*.json")):
+    assert plots.layout_names() == ["attention", "deep", "default"]
+    for path in sorted((REPO / "thermo" / "layouts").glob("*.json")):
         layout = plots.load_layout(path)
         assert layout["panels"]
 
 
 def test_every_layout_panel_builds(incident):
     _, run = incident
-    for path in sorted((REPO / "dashboards").glob("*.json")):
-        for panel in plots.load_layout(path)["panels"]:
+    for name in plots.layout_names():
+        for panel in plots.load_layout(name)["panels"]:
             assert plots.build_panel(run, panel).to_dict()["data"] is not None
 
 
@@ -315,6 +316,11 @@ def test_heatmap_marks_the_verdicts_layer_and_shows_the_rolled_back_branch(incid
     v = old[(old.layer == "h.1.attn") & (old.step == branch.x[0])]["value"].iloc[0]
     assert branch.customdata[1][0] == pytest.approx(v)
     assert len(plots.heatmap_figure(run, "attn_max", rolled_back=False).data) == 1
+    # act_max has no row h.1.attn: the modules inside it are marked, not the block around it
+    act = plots.heatmap_figure(run, "act_max")
+    assert [t for t in act.layout.yaxis.ticktext if t.startswith("▶")] == [
+        "▶ h.1.attn.c_attn", "▶ h.1.attn.c_proj"]
+    assert sum(1 for a in act.layout.annotations if (a.text or "").startswith("verdict")) == 1
 
 
 def _deep_run(n_blocks: int = 30) -> Run:

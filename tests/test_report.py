@@ -67,7 +67,7 @@ def test_cli_report(tmp_path, report):
     run_dir, _ = report
     out = tmp_path / "r.html"
     res = CliRunner().invoke(main, ["report", str(run_dir), "-o", str(out),
-                                    "--layout", str(REPO / "dashboards" / "attention.json")])
+                                    "--layout", "attention"])
     assert res.exit_code == 0, res.output
     assert out.is_file() and "wrote" in res.output
     assert 'id="panel-0-attention"' in out.read_text()

@@ -30,6 +30,8 @@ from thermo.plots.layouts import (
     build_panel,
     check_layout,
     fmt,
+    layout_names,
+    layout_path,
     load_layout,
     panel_title,
     run_summary,
@@ -41,9 +43,11 @@ from thermo.plots.panels import (
     event_details,
     events_figure,
     heatmap_figure,
+    layer_figure,
     loss_figure,
+    verdict_label,
 )
-from thermo.plots.shared import effective_mask, layer_order
+from thermo.plots.shared import block_of, effective_mask, layer_order, module_type
 from thermo.plots.story import EXIT_CODES, Incident, Story, headline_html, run_story
 
 __all__ = [
@@ -62,12 +66,18 @@ __all__ = [
     "check_layout",
     "downsample",
     "downsample_index",
+    "block_of",
     "effective_mask",
+    "module_type",
     "event_details",
     "events_figure",
     "fmt",
     "heatmap_figure",
+    "layer_figure",
+    "verdict_label",
     "layer_order",
+    "layout_names",
+    "layout_path",
     "load_layout",
     "loss_figure",
     "panel_title",

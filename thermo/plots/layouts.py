@@ -30,12 +30,12 @@ PANELS = {
 # Keys a layout's panel may carry besides the builder's arguments.
 _PANEL_META = {"type", "title"}
 
-# The default layout; dashboards/default.json is the same list, for users to copy and edit.
+# The default layout; thermo/layouts/default.json is the same list, for users to copy and edit.
 DEFAULT_LAYOUT: dict[str, Any] = {
     "title": "thermo",
     "refresh_s": 2.0,
     "panels": [
-        {"type": "loss", "keys": ["loss", "grad_norm"], "log_y": False},
+        {"type": "loss", "keys": ["loss", "grad_norm"]},
         {"type": "heatmap", "stat": "act_max"},
         {"type": "heatmap", "stat": "act_min"},
         {"type": "heatmap", "stat": "attn_max"},
@@ -45,18 +45,44 @@ DEFAULT_LAYOUT: dict[str, Any] = {
 }
 
 
+def layout_names() -> list[str]:
+    """The layouts shipped inside the package (``thermo/layouts/*.json``), by name."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("thermo.layouts").iterdir() if p.name.endswith(".json"))
+
+
+def layout_path(name: str) -> Path:
+    """The file of a shipped layout (`layout_names`), e.g. ``layout_path("attention")``."""
+    from importlib.resources import files
+
+    names = layout_names()
+    if name not in names:
+        raise ValueError(f"no layout named {name!r}; shipped layouts: {', '.join(names)} "
+                         "(or give the path of a JSON/YAML layout file)")
+    return Path(str(files("thermo.layouts") / f"{name}.json"))
+
+
 def load_layout(path: str | Path | None = None) -> dict[str, Any]:
     """Read and check a dashboard layout: ``{"title", "refresh_s", "panels": [{"type": ...,
     builder arguments...}]}`` (JSON, or YAML when PyYAML is installed). None gives the default.
+
+    Args:
+        path: a layout file, or the name of a layout shipped in the package (``default``,
+            ``attention``, ``deep``: see `layout_names`), or None.
 
     Raises:
         ValueError: naming the file, the panel and what is allowed, for any bad entry.
 
     Example:
-        >>> layout = load_layout("dashboards/attention.json")
+        >>> layout = load_layout("attention")
+        >>> layout = load_layout("my_layouts/team.json")
     """
     if path is None:
         return json.loads(json.dumps(DEFAULT_LAYOUT))
+    if isinstance(path, str) and "/" not in path and "\\" not in path and "." not in path \
+            and not Path(path).exists():
+        path = layout_path(path)
     path = Path(path)
     try:
         text = path.read_text()

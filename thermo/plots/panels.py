@@ -350,6 +350,7 @@ def heatmap_figure(
         title="log10|v|" if color_scale == "log" else stat)))
     ticktext = [f"▶ {r}" if r in marked else r for r in rows]
     fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=ticktext)
+    labelled: set[int] = set()
     for r, v in marked.items():
         i = rows.index(r)
         for strip in range(1, n_rows + 1):
@@ -357,7 +358,8 @@ def heatmap_figure(
             fig.add_shape(type="rect", xref=f"x{axis} domain", yref=f"y{axis}", x0=0, x1=1,
                           y0=i - 0.5, y1=i + 0.5, line=dict(color=_NONFINITE_COLOR, width=2),
                           fillcolor="rgba(0,0,0,0)")
-        if v["detect"] is not None:
+        if v["detect"] is not None and id(v) not in labelled:  # one arrow per verdict
+            labelled.add(id(v))
             fig.add_annotation(x=v["detect"], y=r, xref="x", yref="y", text=f"verdict: {v['kind']}",
                                showarrow=True, arrowhead=2, arrowcolor=_NONFINITE_COLOR, ax=30, ay=-22,
                                font=dict(color=_NONFINITE_COLOR, size=10), bgcolor="rgba(255,255,255,0.8)")
@@ -365,8 +367,9 @@ def heatmap_figure(
 
 
 def _verdict_rows(run: Run, rows: list[str], mapping: dict) -> dict[str, dict]:
-    """row -> verdict, for the rows of the layers verdicts name (the row itself, its block when
-    rows are blocks, or the rows inside it when it names a block or parent module)."""
+    """row -> verdict, for the rows of the layers verdicts name: the row itself; else its row
+    when rows are blocks; else the rows inside it (it names a parent module); else the nearest
+    row containing it."""
     out: dict[str, dict] = {}
     for v in verdicts(run):
         layer = v.get("layer")
@@ -376,10 +379,10 @@ def _verdict_rows(run: Run, rows: list[str], mapping: dict) -> dict[str, dict]:
             out[layer] = v
         elif layer in mapping:
             out[mapping[layer]] = v
-        else:
-            for r in rows:
-                if r.startswith(layer + ".") or layer.startswith(r + "."):
-                    out[r] = v
+        elif inside := [r for r in rows if r.startswith(layer + ".")]:
+            out.update(dict.fromkeys(inside, v))
+        elif outer := [r for r in rows if layer.startswith(r + ".")]:
+            out[max(outer, key=len)] = v
     return out
 
 
@@ -480,6 +483,68 @@ def attention_figure(
         margin=dict(l=60, r=20, t=70, b=40), updatemenus=_scale_buttons(1, use_log),
         yaxis_type="log" if use_log else "linear", xaxis_title="step",
     )
+    return fig
+
+
+def layer_figure(
+    run: Run,
+    layer: str,
+    stats: list[str] | tuple[str, ...] | None = None,
+    max_points: int = DEFAULT_MAX_POINTS,
+    height: int | None = None,
+) -> go.Figure:
+    """One layer's curves, one row per statistic it records (what clicking a heatmap row
+    shows): the effective timeline, the rolled-back branch faint and dotted, the run's history
+    marked. A block name (``h.3``) that records nothing itself shows the max (min for ``*_min``)
+    over the modules inside it.
+
+    Args:
+        run: the run (with rolled-back rows).
+        layer: the layer (or block) name, as the heatmap rows show it.
+        stats: statistics to draw (default: every one the layer records).
+        max_points: per drawn series (see `downsample`).
+        height: figure height in pixels.
+
+    Example:
+        >>> layer_figure(read_run("runs/exp1"), "h.1.attn").show()
+    """
+    df = run.layers[run.layers["layer"] == layer]
+    label = layer
+    if df.empty:  # a block row: aggregate its modules
+        inside = run.layers[run.layers["layer"].str.startswith(layer + ".")]
+        if not inside.empty:
+            parts = []
+            for stat, g in inside.groupby("stat"):
+                how = "min" if stat.endswith("_min") else "max"
+                parts.append(g.groupby(["attempt", "step"], as_index=False)["value"].agg(how)
+                             .assign(stat=stat, layer=layer))
+            df = pd.concat(parts, ignore_index=True)
+            label = f"{layer} (extreme over its modules)"
+    have = list(dict.fromkeys(df["stat"].tolist()))
+    stats = [s for s in (stats or have) if s in have] or have[:1]
+    n = max(1, len(stats))
+    fig = make_subplots(rows=n, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=stats or [f"{layer}: nothing recorded"])
+    eff = effective_mask(df, run.attempts) if len(df) else pd.Series(dtype=bool)
+    for row, stat in enumerate(stats, start=1):
+        part = df[eff & (df["stat"] == stat)].sort_values("step")
+        xs, ys = downsample(part["step"].to_numpy(), part["value"].to_numpy(), max_points)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=stat, line=dict(width=1.6)),
+                      row=row, col=1)
+        for attempt, old in df[~eff & (df["stat"] == stat)].groupby("attempt"):
+            old = old.sort_values("step")
+            bx, by = downsample(old["step"].to_numpy(), old["value"].to_numpy(), max_points)
+            fig.add_trace(go.Scatter(
+                x=bx, y=by, mode="lines", opacity=0.5, line=dict(width=1, dash="dot", color="#7f7f7f"),
+                name=f"{stat} (rolled back)", showlegend=False,
+                hovertemplate=f"attempt {attempt} (rolled back)<br>step %{{x}}<br>%{{y}}<extra></extra>",
+            ), row=row, col=1)
+        if spans_decades(df.loc[df["stat"] == stat, "value"].to_numpy()):
+            fig.update_yaxes(type="log", row=row, col=1)
+    _mark_history(fig, run)
+    fig.update_xaxes(title_text="step", row=n, col=1)
+    fig.update_layout(title=f"layer {label}", height=height or 120 + 200 * n,
+                      margin=dict(l=60, r=20, t=70, b=40), showlegend=False, hovermode="x unified")
     return fig
 
 

@@ -1,0 +1,1 @@
+"""Dashboard layouts shipped with thermo (JSON): `thermo dashboard RUN --layout attention`."""
