@@ -226,3 +226,28 @@ def test_the_thermometer_snippet_run_twice_on_one_directory_keeps_both_runs(tmp_
     assert sorted(everything["attempt"].unique()) == [0, 1]
     second = thermo.load(tmp_path).scalars
     assert list(second["attempt"].unique()) == [1] and len(second) == 20
+
+
+def test_a_corrupt_store_page_is_one_clear_error_not_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from thermo.cli import main as cli
+
+    with Store(tmp_path) as s:
+        for k in range(40):
+            s.write([rec(i, loss=1.0, **{f"h__{j}": 1.0 for j in range(20)}) for i in range(20 * k, 20 * k + 20)])
+    db = tmp_path / "thermo.db"
+    with open(db, "r+b") as f:  # a page in the middle of the tables turns to garbage
+        f.seek(db.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    damaged = db.read_bytes()
+    with pytest.raises(StoreError, match=r"thermo.db is damaged \(database disk image is malformed\)"
+                                         r".*\.recover") as err:
+        thermo.load(tmp_path)
+    assert "\n" not in str(err.value)
+    with Store(tmp_path, readonly=True) as r, pytest.raises(StoreError, match="is damaged"):
+        list(r.records())
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
+    assert res.exit_code == 2 and res.output.startswith("thermo: error: ") and "is damaged" in res.output
+    assert res.output.count("\n") == 1
+    assert db.read_bytes() == damaged  # nothing lost or changed by looking

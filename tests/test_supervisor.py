@@ -520,6 +520,34 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, kind):
     assert _snapshot(tmp_path) == before  # nothing created, nothing changed
 
 
+_CRAFTED_BEATS = r"""
+import json, os, sys, time
+path = os.path.join(os.environ["THERMO_RUN_DIR"], "heartbeat.json")
+now = time.time() + 1
+beats = ['{"time": "soon"}', '{"time": Infinity}', '{"time": NaN}', '[1, 2]', "[" * 100000,
+         json.dumps({"time": now, "step": "abc"}), json.dumps({"time": now + 1, "step": 1e308}),
+         json.dumps({"time": now + 2, "step": -5}), json.dumps({"time": now + 3, "step": 3, "ids": "abc"}),
+         json.dumps({"time": now + 4, "step": 4, "ids": [[1], {"a": 2}, True]}),
+         json.dumps({"time": now + 5, "step": 5, "ids": {"1": 2}})]
+for b in beats:
+    with open(path + ".tmp", "w") as f:
+        f.write(b)
+    os.replace(path + ".tmp", path)
+    time.sleep(0.25)
+print("crafted: done", flush=True)
+"""
+
+
+def test_a_crafted_heartbeat_never_crashes_the_supervisor(tmp_path):
+    """The heartbeat is written by the command, which may be anything: every field is checked."""
+    run = tmp_path / "r"
+    out = Supervisor(run, [sys.executable, "-c", _CRAFTED_BEATS], dataclasses.replace(FAST, poll=0.1),
+                     env=ENV).run()
+    assert out.status == "finished" and out.exit_code == 0, out.message
+    (launch,) = out.launches
+    assert launch.current == 5 and launch.ids == []  # the last well-formed step; its ids were not
+
+
 def test_one_supervisor_per_run_dir(tmp_path):
     from thermo.supervisor import _lock
 

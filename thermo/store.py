@@ -31,6 +31,7 @@ that restarts before their first step, recorded as a ``restart`` event with reas
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -84,6 +85,27 @@ _OUR_TABLES = {"meta", "attempts", "scalars", "series", "layers", "events", "led
 
 class StoreError(RunDirError):
     """The metrics store cannot be opened or is not a thermo store."""
+
+
+def _reading(method):
+    """A damaged store (a corrupt page) is one `StoreError` naming the file and the way out,
+    not a traceback from deep inside SQLite or pandas. A busy store is left to the caller."""
+
+    @functools.wraps(method)
+    def read(self, *args, **kw):
+        try:
+            return method(self, *args, **kw)
+        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as e:
+            why = str(e).rsplit(": ", 1)[-1] if isinstance(e, pd.errors.DatabaseError) else str(e)
+            if "locked" in why or "busy" in why:
+                raise
+            raise StoreError(
+                f"the metrics store {self.path} is damaged ({why}). Nothing was changed; save what "
+                f"it holds with: sqlite3 {self.path} .recover | sqlite3 recovered.db, then move the "
+                "damaged file away"
+            ) from None
+
+    return read
 
 
 @dataclass
@@ -333,6 +355,7 @@ class Store:
         self._insert(attempt, min(step for step, _ in steps), lambda a: self._conn.executemany(
             "INSERT INTO ledger VALUES (?, ?, ?)", [(a, step, ids) for step, ids in rows]))
 
+    @_reading
     def ledger(self, first_step: int = 0, last_step: int = 2**62, effective: bool = True) -> dict[int, list[int]]:
         """step -> sample ids trained on, for steps in [first_step, last_step]."""
         where = f"AND {self._effective_clause('ledger')}" if effective else ""
@@ -376,6 +399,7 @@ class Store:
         self._owned.add(attempt)
         return attempt
 
+    @_reading
     def current_attempt(self) -> int:
         (last,) = self._conn.execute("SELECT MAX(attempt) FROM attempts").fetchone()
         return 0 if last is None else int(last)
@@ -388,9 +412,11 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------
 
+    @_reading
     def meta(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
 
+    @_reading
     def attempts(self) -> pd.DataFrame:
         """One row per attempt with ``start_step`` and ``end_step``: the last step it owns.
 
@@ -411,6 +437,7 @@ class Store:
             f"WHERE a.attempt > {table}.attempt)"
         )
 
+    @_reading
     def scalars(self, effective: bool = True) -> pd.DataFrame:
         """Scalars as a wide frame: one row per (attempt, step), one column per key.
 
@@ -429,6 +456,7 @@ class Store:
         wide.columns.name = None
         return wide.reset_index().sort_values(["step", "attempt"], ignore_index=True)
 
+    @_reading
     def layer_stats(self, effective: bool = True, stats: Iterable[str] | None = None) -> pd.DataFrame:
         """Per-layer statistics in long form: attempt, step, layer, stat, value."""
         clauses = [self._effective_clause("l")] if effective else []
@@ -448,6 +476,7 @@ class Store:
         df["value"] = df["value"].astype("float64")
         return df
 
+    @_reading
     def events(self) -> pd.DataFrame:
         df = pd.read_sql_query(
             "SELECT id, time, attempt, step, kind, message, data FROM events ORDER BY id",
@@ -466,8 +495,10 @@ class Store:
         try:
             yield
         finally:
-            self._conn.execute("COMMIT")
+            if self._conn.in_transaction:  # SQLite ends it by itself on some errors (a corrupt page)
+                self._conn.execute("COMMIT")
 
+    @_reading
     def records(self, effective: bool = True, after_step: int = -1) -> Iterator[StepRecord]:
         """The stored steps as `StepRecord`s in step order: what the detector replays offline."""
         with self.snapshot():
@@ -491,6 +522,7 @@ class Store:
             rec.layers[(layer, stat)] = _py_value(value)
         return [by_key[key] for key in sorted(by_key)]
 
+    @_reading
     def last_step(self) -> int | None:
         (step,) = self._conn.execute("SELECT MAX(step) FROM scalars").fetchone()
         return step

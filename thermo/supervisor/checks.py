@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -115,8 +116,22 @@ def _lock(run_dir: Path) -> int:
 
 
 def _read_heartbeat(run_dir: Path) -> dict | None:
+    """The heartbeat, or None if it is missing or not one: it is written by the command, which
+    may be anything, so every field is checked (a crafted file must not crash the supervisor)."""
     try:
-        beat = json.loads((run_dir / HEARTBEAT_NAME).read_text())
-    except (OSError, ValueError):
+        with open(run_dir / HEARTBEAT_NAME, "rb") as f:
+            raw = f.read(1 << 20)  # a heartbeat is a few hundred bytes; never read a huge file whole
+        beat = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
         return None
-    return beat if isinstance(beat, dict) and isinstance(beat.get("time"), (int, float)) else None
+    if not isinstance(beat, dict):
+        return None
+    t, step, ids = beat.get("time"), beat.get("step", 0), beat.get("ids", [])
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        return None
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**62:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**62
+                                            for i in ids):
+        ids = []  # the step is still a sign of life; its batch is unknown
+    return {**beat, "time": float(t), "step": step, "ids": ids}

@@ -19,7 +19,7 @@ import pandas as pd
 
 from thermo.detector import Verdict
 from thermo.guard import EXIT_DIVERGED, rollback_target, skip_window
-from thermo.store import Store
+from thermo.store import Store, StoreError
 from thermo.supervisor.checks import (
     _check_same_run_dir,
     _checkpoints,
@@ -411,7 +411,7 @@ class Supervisor:
         exception here would leave the command running unsupervised)."""
         try:
             return fn()
-        except (sqlite3.Error, pd.errors.DatabaseError) as e:
+        except (sqlite3.Error, pd.errors.DatabaseError, StoreError) as e:
             if str(e) not in self._warned:
                 self._warned.add(str(e))
                 self._say(f"warning: metrics store: {e}; carrying on")
