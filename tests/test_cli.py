@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+
+import pytest
 
 from click.testing import CliRunner
 
@@ -42,8 +45,46 @@ def test_inspect_other_stat(tmp_path):
     make_run(tmp_path)
     res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--stat", "attn_max"])
     assert res.exit_code == 0 and "h.1.attn" in res.output
-    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--stat", "nope"])
-    assert res.exit_code == 0 and "no per-layer 'nope' recorded" in res.output
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stat", "bogus"], "no per-layer statistic 'bogus' recorded"),
+    (["--top", "0"], "--top must be >= 1, got 0"),
+])
+def test_inspect_bad_options_are_one_line_exit_2(tmp_path, args, message):
+    make_run(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), *args])
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and res.output.startswith("thermo: error: ") and message in res.output
+    assert "recorded: act_max, attn_max" in res.output or "--top" in args
+
+
+def test_inspect_json_and_exit_status_of_a_run_that_gave_up(tmp_path):
+    make_run(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["status"] == "training" and out["exit_code"] == 0
+    assert (out["first_step"], out["last_step"], out["steps"]) == (0, 5, 6)
+    assert out["scalars"]["loss"] == {"last": "nan", "min": pytest.approx(2.6), "max": 3.0,
+                                      "nonfinite_steps": 1}
+    assert out["hottest"][0] == {"layer": "h.0", "peak": "nan", "last": "nan"}
+    assert out["verdicts"][0]["step"] == 5
+    with Store(tmp_path) as s:
+        s.event("verdict", "growth", step=5, kind="growth", signal="act_max", layer="h.1",
+                onset_step=2, detection_step=5, cause="data")
+        s.event("give_up", "thermo gave up", step=5, reason="3 rollbacks (max_rollbacks=2)")
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--json"])
+    out = json.loads(res.output)
+    assert res.exit_code == 1 and out["status"] == "gave up" and out["exit_code"] == 1
+    assert out["verdicts"][-1]["cause"] == "data"
+    assert out["verdicts"][-1]["actions"] == ["gave up: 3 rollbacks (max_rollbacks=2)"]
+    text = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert text.exit_code == 1
+    assert "status     gave up at step 5: 3 rollbacks (max_rollbacks=2)" in text.output
+    assert ("  verdict  step 5: growth of act_max in h.1 (onset 2, cause: data) → gave up: "
+            "3 rollbacks (max_rollbacks=2)") in text.output
 
 
 def test_inspect_bad_run_dir_is_one_clear_line(tmp_path):

@@ -379,3 +379,27 @@ def test_clicking_a_heatmap_row_shows_that_layers_curve(tmp_path_factory, tmp_pa
     assert "gave up" not in _viz.section(dom, "thermo-headline")
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "dashboard-incident.png")
+
+
+def test_cli_dashboard_taken_port_is_one_line_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from thermo.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(main, ["dashboard", str(tmp_path), "--port", str(port)])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in res.output and "--port" in res.output
+
+
+def test_cli_dashboard_unknown_layout_name_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from thermo.cli import main
+
+    res = CliRunner().invoke(main, ["dashboard", str(tmp_path), "--layout", "atention"])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert "no layout named 'atention'; shipped layouts: attention, deep, default" in res.output

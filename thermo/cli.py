@@ -66,47 +66,75 @@ def demo(run_dir: Path, steps: int, quick: bool):
         sys.exit(1)  # the demo exists to show a recovery: say so if it did not happen
 
 
+def _json_num(v):
+    """A float as strict JSON: non-finite values become the strings "nan", "inf", "-inf"."""
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--top", default=5, show_default=True, help="How many of the hottest layers to list.")
+@click.option("--top", default=5, show_default=True, help="How many of the hottest layers to list (>= 1).")
 @click.option(
     "--stat",
     default="act_max",
     show_default=True,
     help="Per-layer statistic that ranks the layers (act_max, grad_max, attn_max, attn_bound...).",
 )
-def inspect(run_dir: Path, top: int, stat: str):
-    """Summarise a run: steps, last loss and grad norm, hottest layers, events.
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def inspect(run_dir: Path, top: int, stat: str, as_json: bool):
+    """Summarise a run: status, verdicts and what thermo did, steps, last loss and grad norm,
+    hottest layers, events.
 
     RUN_DIR is a thermo run directory (it holds thermo.db). Safe to run while training writes.
-    """
-    from thermo.store import Store
 
-    with Store(run_dir, readonly=True) as store:
-        scalars = store.scalars()
-        events = store.events()
-        attempts = store.attempts()
-        last = store.last_step()
-        layers = store.layer_stats(stats=[stat]) if last is not None else None
-    click.echo(f"run        {run_dir}")
-    if scalars.empty:
-        click.echo("steps      none recorded yet")
-        return
-    n = len(scalars)
-    first, final = int(scalars["step"].min()), int(scalars["step"].max())
-    click.echo(f"steps      {n} recorded, {first}..{final} (attempts: {len(attempts)})")
-    for key in ("loss", "grad_norm"):
-        if key in scalars:
-            col = scalars[key]
-            finite = col[np.isfinite(col)]
-            line = f"{key:<10} last {_fmt(col.iloc[-1])}"
-            if len(finite):
-                line += f"   min {_fmt(finite.min())}   max {_fmt(finite.max())}"
-            nonfinite = len(col) - len(finite)
-            if nonfinite:
-                line += f"   non-finite steps {nonfinite}"
-            click.echo(line)
-    if layers is not None and not layers.empty:
+    \b
+    Exit status (for scripts; the same in --json as "exit_code"):
+      0  training, finished, or idle (nothing recorded lately)
+      1  the run gave up (the Guard or the supervisor stopped trying)
+      2  bad input: no run there, an unreadable store, a bad option
+      3  stopped by a signal before it finished
+    """
+    import json
+
+    from thermo import plots
+    from thermo.dashboard import read_run
+
+    if top < 1:
+        raise ValueError(f"--top must be >= 1, got {top}")
+    run = read_run(run_dir)
+    story = plots.run_story(run)
+    eff = run.scalars[plots.effective_mask(run.scalars, run.attempts)] if len(run.scalars) else run.scalars
+    recorded = sorted(set(run.layers["stat"])) if len(run.layers) else []
+    if recorded and stat not in recorded:
+        raise ValueError(f"no per-layer statistic {stat!r} recorded in {run_dir}; "
+                         f"recorded: {', '.join(recorded)} (choose one with --stat)")
+    layers = run.layers[(run.layers["stat"] == stat)]
+    if len(layers):
+        layers = layers[plots.effective_mask(layers, run.attempts)]
+    out: dict = {"run": str(run_dir), "status": story.status, "status_line": story.status_line,
+                 "exit_code": story.exit_code,
+                 "verdicts": [{"step": i.step, "onset": i.onset, "kind": i.kind, "signal": i.signal,
+                               "layer": i.layer, "cause": i.cause, "actions": i.actions, "line": i.line}
+                              for i in story.incidents],
+                 "other_actions": story.other, "steps": len(eff), "attempts": len(run.attempts),
+                 "first_step": None, "last_step": None, "scalars": {}, "hottest": [], "stat": stat,
+                 "events": len(run.events)}
+    if len(eff):
+        out["first_step"], out["last_step"] = int(eff["step"].min()), int(eff["step"].max())
+        eff = eff.sort_values("step", kind="stable")
+        for key in ("loss", "grad_norm"):
+            if key in eff:
+                col = eff[key]
+                finite = col[np.isfinite(col)]
+                out["scalars"][key] = {
+                    "last": _json_num(col.iloc[-1]),
+                    "min": _json_num(finite.min()) if len(finite) else None,
+                    "max": _json_num(finite.max()) if len(finite) else None,
+                    "nonfinite_steps": int(len(col) - len(finite))}
+    if len(layers):
         last_step = layers["step"].max()
         window = layers[layers["step"] > last_step - 100]
         # Rank by magnitude with NaN hottest of all: a non-finite layer is what to look at first.
@@ -117,18 +145,67 @@ def inspect(run_dir: Path, top: int, stat: str):
         # The latest value of each layer (NaN included), whatever step it was recorded at.
         now = window.sort_values("step", kind="stable").drop_duplicates("layer", keep="last")
         now = now.set_index("layer")["value"]
+        out["hottest"] = [{"layer": name, "peak": _json_num(peak), "last": _json_num(now.get(name, math.nan))}
+                          for name, peak in hottest.items()]
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        sys.exit(story.exit_code)
+    click.echo(f"run        {run_dir}")
+    click.echo(f"status     {story.status_line}")
+    for inc in story.incidents:
+        click.echo(f"  verdict  {inc.line}")
+    for other in story.other:
+        click.echo(f"  also     {other}")
+    if out["last_step"] is None:
+        click.echo("steps      none recorded yet")
+        sys.exit(story.exit_code)
+    click.echo(f"steps      {out['steps']} recorded, {out['first_step']}..{out['last_step']} "
+               f"(attempts: {out['attempts']})")
+    for key, v in out["scalars"].items():
+        line = f"{key:<10} last {_fmt(_num(v['last']))}"
+        if v["min"] is not None:
+            line += f"   min {_fmt(v['min'])}   max {_fmt(v['max'])}"
+        if v["nonfinite_steps"]:
+            line += f"   non-finite steps {v['nonfinite_steps']}"
+        click.echo(line)
+    if out["hottest"]:
         click.echo(f"hottest layers by |{stat}| over the last 100 steps:")
-        width = max(len(name) for name in hottest.index)
+        width = max(len(h["layer"]) for h in out["hottest"])
         click.echo(f"  {'layer':<{width}}  {'peak':>10}  {'last':>10}")
-        for name, peak in hottest.items():
-            click.echo(f"  {name:<{width}}  {_fmt(peak):>10}  {_fmt(now.get(name, math.nan)):>10}")
-    elif layers is not None:
-        click.echo(f"no per-layer '{stat}' recorded (try --stat act_max)")
-    if len(events):
-        click.echo(f"events     {len(events)}; latest:")
-        for _, e in events.tail(5).iterrows():
+        for h in out["hottest"]:
+            click.echo(f"  {h['layer']:<{width}}  {_fmt(_num(h['peak'])):>10}  {_fmt(_num(h['last'])):>10}")
+    if len(run.events):
+        click.echo(f"events     {len(run.events)}; latest:")
+        for _, e in run.events.tail(5).iterrows():
             step = "" if e["step"] is None or e["step"] != e["step"] else f" step {int(e['step'])}"
             click.echo(f"  [{e['kind']}]{step}: {e['message']}")
+    sys.exit(story.exit_code)
+
+
+def _num(v) -> float:
+    return float(v)  # _json_num's "nan"/"inf" strings parse back too
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One clear line for a taken port, before Dash starts (werkzeug would print its own)."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be 1..65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"port {port} on {host} is already in use (another dashboard?); "
+                                 f"choose another with --port, e.g. --port {port + 1}") from None
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}; "
+                             "check --host and --port") from None
+
+
+_LAYOUT_HELP = ("Panel layout: a shipped one by name (default, attention, deep) or a JSON/YAML "
+                "file of your own.")
 
 
 @main.command()
@@ -136,33 +213,48 @@ def inspect(run_dir: Path, top: int, stat: str):
 @click.option("--port", default=8050, show_default=True, help="TCP port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (keep the default and use an SSH tunnel to view remotely).")
-@click.option("--layout", "layout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Panel layout file (JSON/YAML), e.g. dashboards/attention.json.")
-def dashboard(run_dir: Path, port: int, host: str, layout_file: Path | None):
-    """Serve a live dashboard of RUN_DIR that updates while it trains (read-only)."""
-    from thermo.dashboard import serve
+@click.option("--layout", "layout_file", help=_LAYOUT_HELP)
+def dashboard(run_dir: Path, port: int, host: str, layout_file: str | None):
+    """Serve a live dashboard of RUN_DIR that updates while it trains (read-only).
 
+    Exit status: 0 when stopped with Ctrl-C, 2 on bad input (a bad layout, a taken port).
+    """
+    from thermo import plots
+
+    layout = plots.load_layout(layout_file)  # a bad layout is one line, before anything starts
+    try:
+        from thermo.dashboard import serve
+    except ImportError as e:  # Dash is an optional extra: say which one
+        raise click.ClickException(str(e)) from None
+    _check_port_free(host, port)
     if not run_dir.is_dir():
         click.echo(f"thermo: note: {run_dir} does not exist yet; waiting for the run to create it",
                    err=True)
     click.echo(f"thermo dashboard: http://{host}:{port}/  (Ctrl-C to stop)", err=True)
     try:
-        serve(run_dir, host=host, port=port, layout=layout_file)
+        serve(run_dir, host=host, port=port, layout=layout)
     except ImportError as e:  # Dash is an optional extra: say which one
         raise click.ClickException(str(e)) from None
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", default="report.html", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="HTML file to write.")
-@click.option("--layout", "layout_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Panel layout file (JSON/YAML), e.g. dashboards/attention.json.")
-def report(run_dir: Path, output: Path, layout_file: Path | None):
-    """Write a self-contained HTML report of RUN_DIR that opens offline."""
+@click.option("--layout", "layout_file", help=_LAYOUT_HELP)
+@click.option("--cdn", is_flag=True,
+              help="Load plotly.js from its CDN (a small file that needs the network) instead of inlining it.")
+def report(run_dirs: tuple[Path, ...], output: Path, layout_file: str | None, cdn: bool):
+    """Write an HTML report of RUN_DIRS that opens offline; several run directories give one
+    page comparing them (loss and grad norm overlaid, each run's headline and panels).
+
+    Refuses an output that would overwrite a run's own files (e.g. -o RUN/thermo.db).
+    Exit status: 0 written, 2 on bad input.
+    """
     from thermo.report import write_report
 
-    path = write_report(run_dir, output, layout=layout_file)
+    path = write_report(list(run_dirs) if len(run_dirs) > 1 else run_dirs[0], output,
+                        layout=layout_file, cdn=cdn)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
@@ -299,7 +391,7 @@ def blacklist(run_dir: Path, action: str, ids: tuple[str, ...], reason: str, as_
         raise ValueError(f"{action} needs sample ids, e.g. thermo blacklist {run_dir} {action} 17 100-120")
     wanted = _parse_ids(ids)
     bl = Blacklist.load(run_dir)  # a broken blacklist or store fails before anything is written
-    with Store(run_dir) as store:
+    with Store(run_dir, lock=False) as store:  # beside a running trainer: events only
         if action == "add":
             added, removed = bl.add_set(wanted, reason=reason, source="user"), wanted - wanted
         else:

@@ -548,6 +548,74 @@ def layer_figure(
     return fig
 
 
+def compare_figure(
+    runs: dict[str, Run],
+    keys: tuple[str, ...] | list[str] = ("loss", "grad_norm"),
+    log_y: bool | None = None,
+    max_points: int = DEFAULT_MAX_POINTS,
+    height: int | None = None,
+) -> go.Figure:
+    """Several runs overlaid: one row per key, one colour per run (its effective timeline; the
+    rolled-back branches faint and dotted), each run's verdicts as ✕ markers at their detection
+    step (hover: what diverged).
+
+    Args:
+        runs: name -> run, e.g. ``{"lr 3e-4": read_run("runs/a"), "lr 1e-3": read_run("runs/b")}``.
+        keys: scalar keys, one row each.
+        log_y: log-scale y; None picks log for a row whose values span two decades.
+        max_points: per drawn series.
+        height: figure height in pixels.
+
+    Example:
+        >>> compare_figure({d: read_run(d) for d in ["runs/a", "runs/b"]}).show()
+    """
+    keys = [k for k in keys if any(k in r.scalars.columns for r in runs.values())] or list(keys)[:1]
+    fig = make_subplots(rows=len(keys), cols=1, shared_xaxes=True, vertical_spacing=0.07,
+                        subplot_titles=[_TITLES.get(k, k) for k in keys])
+    any_log = False
+    for row, key in enumerate(keys, start=1):
+        values = []
+        for n, (name, run) in enumerate(runs.items()):
+            sc = run.scalars
+            if key not in sc.columns:
+                continue
+            color = _palette(n)
+            eff = effective_mask(sc, run.attempts)
+            main = sc[eff].sort_values("step")
+            xs, ys = downsample(main["step"].to_numpy(), main[key].to_numpy(), max_points)
+            values.append(sc[key].to_numpy())
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=name, legendgroup=name,
+                                     showlegend=row == 1, line=dict(color=color, width=1.6)),
+                          row=row, col=1)
+            for attempt, part in sc[~eff].groupby("attempt"):
+                part = part.sort_values("step")
+                bx, by = downsample(part["step"].to_numpy(), part[key].to_numpy(), max_points)
+                fig.add_trace(go.Scatter(
+                    x=bx, y=by, mode="lines", opacity=0.45, legendgroup=name, showlegend=False,
+                    line=dict(width=1, dash="dot", color=color), name=f"{name} (rolled back)",
+                    hovertemplate=f"{name}, attempt {attempt} (rolled back)<br>step %{{x}}<br>%{{y}}<extra></extra>",
+                ), row=row, col=1)
+            vs = [v for v in verdicts(run) if v["detect"] is not None]
+            if vs and row == 1:
+                at = main.set_index("step")[key]
+                fig.add_trace(go.Scatter(
+                    x=[v["detect"] for v in vs],
+                    y=[float(at.get(v["detect"], np.nan)) if v["detect"] in at.index else None for v in vs],
+                    mode="markers", marker=dict(symbol="x", size=11, color=color, line=dict(width=2)),
+                    name=f"{name}: verdicts", legendgroup=name, showlegend=False,
+                    text=[verdict_label(v) for v in vs],
+                    hovertemplate=f"{name}<br>%{{text}}<extra></extra>",
+                ), row=row, col=1)
+        row_log = spans_decades(np.concatenate(values)) if (log_y is None and values) else bool(log_y)
+        any_log = any_log or row_log
+        fig.update_yaxes(type="log" if row_log else "linear", row=row, col=1)
+    fig.update_xaxes(title_text="step", row=len(keys), col=1)
+    fig.update_layout(title=f"{len(runs)} runs compared", height=height or 120 + 240 * len(keys),
+                      margin=dict(l=60, r=20, t=70, b=40), hovermode="x unified",
+                      updatemenus=_scale_buttons(len(keys), any_log))
+    return fig
+
+
 def _meta_dtype(meta: dict[str, Any]) -> str | None:
     for where in (meta, meta.get("config") or {}, meta.get("run") or {}):
         if isinstance(where, dict):

@@ -23,7 +23,7 @@ from thermo.store import Run
 STALE_S = 300.0
 
 # status -> exit code of `thermo inspect` (documented in its help and the README).
-EXIT_CODES = {"finished": 0, "training": 0, "idle": 0, "gave up": 3, "stopped": 4, "empty": 0}
+EXIT_CODES = {"finished": 0, "training": 0, "idle": 0, "empty": 0, "gave up": 1, "stopped": 3}
 
 
 @dataclass
