@@ -157,14 +157,15 @@ def test_a_cleanly_closed_store_on_a_read_only_mount_opens_read_only(tmp_path):
     run = tmp_path / "run"
     with Store(run) as s:
         s.write([rec(1, loss=2.0), rec(2, loss=1.5)])
-    assert sorted(p.name for p in run.iterdir()) == ["thermo.db"]  # closed cleanly: no -wal/-shm
+    files = sorted(p.name for p in run.iterdir())
+    assert files == [".writer.lock", "thermo.db"]  # closed cleanly: no -wal/-shm
     mount = f"mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path}"
     res = subprocess.run(["unshare", "-rm", "sh", "-c", f'{mount} && touch {run}/x 2>/dev/null; '
                           f'"$0" -c "$1" {run}', sys.executable, _RO_MOUNT],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[2.0, 1.5]"
-    assert sorted(p.name for p in run.iterdir()) == ["thermo.db"]
+    assert sorted(p.name for p in run.iterdir()) == files
 
 
 def test_a_relaunch_that_cannot_resume_starts_a_new_attempt_and_overwrites_no_row(tmp_path):
@@ -229,10 +230,6 @@ def test_the_thermometer_snippet_run_twice_on_one_directory_keeps_both_runs(tmp_
 
 
 def test_a_corrupt_store_page_is_one_clear_error_not_a_traceback(tmp_path):
-    from click.testing import CliRunner
-
-    from thermo.cli import main as cli
-
     with Store(tmp_path) as s:
         for k in range(40):
             s.write([rec(i, loss=1.0, **{f"h__{j}": 1.0 for j in range(20)}) for i in range(20 * k, 20 * k + 20)])
@@ -247,7 +244,39 @@ def test_a_corrupt_store_page_is_one_clear_error_not_a_traceback(tmp_path):
     assert "\n" not in str(err.value)
     with Store(tmp_path, readonly=True) as r, pytest.raises(StoreError, match="is damaged"):
         list(r.records())
-    res = CliRunner().invoke(cli, ["inspect", str(tmp_path)])
-    assert res.exit_code == 2 and res.output.startswith("thermo: error: ") and "is damaged" in res.output
-    assert res.output.count("\n") == 1
     assert db.read_bytes() == damaged  # nothing lost or changed by looking
+
+
+_HOLD_WRITER = """
+import sys, time
+from thermo.store import Store
+s = Store(sys.argv[1])
+print("writing", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_with_one_line_and_a_dead_ones_lock_is_not_stale(tmp_path):
+    import subprocess
+    import sys
+
+    from thermo._io import RunDirError
+
+    first = subprocess.Popen([sys.executable, "-c", _HOLD_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "writing"
+        with pytest.raises(RunDirError, match=rf"another process is writing to {tmp_path}: a trainer pid "
+                                              rf"{first.pid} on host .*give this run its own run directory") as e:
+            Store(tmp_path)
+        assert "\n" not in str(e.value)
+        with Store(tmp_path, readonly=True) as r:  # readers are never refused
+            r.events()
+        with Store(tmp_path, lock=False) as events_only:  # thermo blacklist's events
+            events_only.event("blacklist", "by hand")
+    finally:
+        first.kill()
+        first.wait()
+    with Store(tmp_path) as s, Store(tmp_path) as same_process:  # the dead writer's lock went with it
+        s.write([rec(1)])
+        same_process.event("note", "one process, one writer")
+    assert len(thermo.load(tmp_path).events) == 2

@@ -560,6 +560,39 @@ def test_one_supervisor_per_run_dir(tmp_path):
         os.close(fd)
 
 
+def test_a_trainer_orphaned_by_a_killed_supervisor_keeps_a_new_one_out(tmp_path):
+    """kill -9 of thermo supervise leaves its command running (it has a session of its own); it
+    still holds the run directory's writer lock, so a new supervisor refuses to start a second
+    trainer beside it, in one line, until the orphan is gone."""
+    run, pids = tmp_path / "r", tmp_path / "pids"
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "thermo.cli", "supervise", str(run), "--poll", "0.1", "--quiet",
+         "--", sys.executable, str(FAULTS / "process_tree.py"), str(pids)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not pids.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    child, grandchild = map(int, pids.read_text().split())
+    try:
+        sup.kill()
+        sup.wait()
+        with pytest.raises(SupervisorError, match=rf"another process is writing to {run}: thermo supervise pid "
+                                                  rf"{sup.pid} took the lock at .* and has died, but a process "
+                                                  "it started still holds it"):
+            Supervisor(run, ["true"], FAST).run()
+    finally:
+        for pid in (child, grandchild):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 10
+    while _start_time(child) is not None and time.time() < deadline:  # reaped by init
+        time.sleep(0.1)
+    out = Supervisor(run, ["true"], FAST).run()  # the orphan is gone: so is its lock
+    assert out.status == "finished"
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="SupervisorConfig.hang_timeout"):
         SupervisorConfig(hang_timeout=0)

@@ -1,10 +1,15 @@
-"""Atomic file writes and strict JSON reads for the run directory's control files."""
+"""Atomic file writes and strict JSON reads for the run directory's control files, and the
+run directory's writer lock."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +101,106 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
         raise RunDirError(f"{what} {path} is not valid JSON ({e}). {fix}") from None
     except RecursionError:
         raise RunDirError(f"{what} {path} is nested too deeply to be a thermo file. {fix}") from None
+
+
+# -- one writer per run directory ----------------------------------------------------------------
+
+WRITER_LOCK = ".writer.lock"
+WRITER_TOKEN_ENV = "THERMO_WRITER_TOKEN"
+_held: dict[str, tuple[int, int]] = {}  # run directory -> (lock fd, Stores of this process using it)
+
+
+class WriterLock:
+    """The one writer of a run directory: an ``fcntl.flock`` on ``RUN/.writer.lock``.
+
+    A trainer's rank 0 takes it when it opens the store for writing; ``thermo supervise`` takes it
+    before the first launch and hands it to its command (the command inherits the locked file,
+    and ``THERMO_WRITER_TOKEN`` names the lock), so a trainer and its supervisor count as one
+    writer, and a trainer orphaned by a killed supervisor still holds it. The kernel releases it
+    when the last process holding it ends, however it ends: a dead writer never leaves a stale
+    lock. The file records who took it (pid, host, when) for the error message only. Across
+    hosts it relies on the filesystem's flock (NFSv4, Lustre mounted with ``-o flock``).
+
+    Several `Store` writers in one process share it (the same writer).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, role: str):
+        self.run_dir = Path(run_dir)
+        self.key = os.path.realpath(self.run_dir)
+        self.role = role
+        self.fd: int | None = None
+        self.token: str | None = None
+
+    def acquire(self) -> WriterLock:
+        """Take the lock (or share it: this process, or a supervisor whose token we were given).
+
+        Raises:
+            RunDirError: another process writes to the run directory; the message says which.
+        """
+        if self.key in _held:
+            fd, n = _held[self.key]
+            _held[self.key] = (fd, n + 1)
+            self.fd = fd
+            return self
+        path = self.run_dir / WRITER_LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = _lock_info(fd)
+            os.close(fd)
+            given = os.environ.get(WRITER_TOKEN_ENV)
+            if given and info.get("token") == given:
+                return self  # our supervisor holds it for us
+            raise RunDirError(f"another process is writing to {self.run_dir}: {_holder(info)}. Two writers "
+                              "would overwrite each other's rows and checkpoints: stop it, or give this "
+                              "run its own run directory") from None
+        self.token = uuid.uuid4().hex
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "role": self.role,
+                "token": self.token}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        _held[self.key] = (fd, 1)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, n = _held.get(self.key, (self.fd, 1))
+        if n > 1:
+            _held[self.key] = (fd, n - 1)
+        else:
+            _held.pop(self.key, None)
+            os.close(fd)  # the lock goes with the last descriptor (a child may still hold one)
+        self.fd = None
+
+
+def _lock_info(fd: int) -> dict:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _holder(info: dict) -> str:
+    pid, host, role = info.get("pid"), info.get("host"), info.get("role", "a writer")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["time"])) \
+        if isinstance(info.get("time"), (int, float)) else "an unknown time"
+    if not isinstance(pid, int):
+        return "a process that did not say who it is"
+    if host == socket.gethostname() and not _alive(pid):
+        return (f"{role} pid {pid} took the lock at {since} and has died, but a process it started "
+                f"still holds it (an orphaned trainer?): find it with fuser -v {WRITER_LOCK}")
+    return f"{role} pid {pid} on host {host}, since {since}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

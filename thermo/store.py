@@ -45,7 +45,7 @@ from typing import Any
 
 import pandas as pd
 
-from thermo._io import RunDirError
+from thermo._io import RunDirError, WriterLock
 
 DB_NAME = "thermo.db"
 SCHEMA_VERSION = 1
@@ -137,6 +137,9 @@ class Store:
     Args:
         run_dir: the run directory; ``thermo.db`` lives in it.
         readonly: open for reading only (the file must exist). Readers never block the writer.
+        lock: a writer takes the run directory's `WriterLock` (one writer per run directory;
+            a second is refused with `RunDirError`). False for processes that only add events
+            beside the writer (``thermo blacklist``, the supervisor, which holds the lock itself).
 
     Example:
         >>> store = Store("runs/exp1")
@@ -144,14 +147,24 @@ class Store:
         >>> store.scalars()
     """
 
-    def __init__(self, run_dir: str | os.PathLike, readonly: bool = False):
+    def __init__(self, run_dir: str | os.PathLike, readonly: bool = False, *, lock: bool = True):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / DB_NAME
         self.readonly = readonly
         self._series: dict[tuple[str, str], int] = {}
         self._owned: set[int] = set()  # attempts this writer opened or found empty
         self._moved: dict[int, int] = {}  # an earlier launch's attempt -> the one written instead
-        self._conn = self._connect()
+        self._lock: WriterLock | None = None
+        self._conn = None
+        if not readonly:
+            self._mkdir()
+            if lock:
+                self._lock = WriterLock(self.run_dir, "a trainer").acquire()
+        try:
+            self._conn = self._connect()
+        except BaseException:
+            self.close()
+            raise
 
     # -- opening -------------------------------------------------------------------------
 
@@ -169,13 +182,6 @@ class Store:
             except StoreError as first:
                 conn = self._open_immutable(uri, first)
         else:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(
-                    f"cannot create run directory {self.run_dir}: {e.strerror}. "
-                    "Choose a writable path."
-                ) from None
             conn = self._open(lambda: sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1e3))
         self._check_and_init(conn)
         return conn
@@ -189,6 +195,14 @@ class Store:
             return conn
         except sqlite3.DatabaseError as e:
             raise StoreError(self._foreign_message(str(e))) from None
+
+    def _mkdir(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(
+                f"cannot create run directory {self.run_dir}: {e.strerror}. Choose a writable path."
+            ) from None
 
     def _open_immutable(self, uri: str, first: StoreError) -> sqlite3.Connection:
         """A cleanly closed store on a read-only mount: a WAL reader needs to create ``-shm``
@@ -261,6 +275,9 @@ class Store:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Store:
         return self

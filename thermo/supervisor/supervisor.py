@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from thermo._io import WRITER_TOKEN_ENV, RunDirError, WriterLock
 from thermo.detector import Verdict
 from thermo.guard import EXIT_DIVERGED, rollback_target, skip_window
 from thermo.store import Store, StoreError
@@ -89,7 +90,14 @@ class Supervisor:
         _check_same_run_dir(self.command, self.run_dir)
         check_run_dir(self.run_dir)
         lock = _lock(self.run_dir)
-        self.store = Store(self.run_dir)
+        try:
+            # The run directory's one writer: this supervisor and the commands it launches (they
+            # inherit the locked file, so an orphaned command still holds it).
+            self._writer = WriterLock(self.run_dir, "thermo supervise").acquire()
+        except RunDirError as e:
+            os.close(lock)
+            raise SupervisorError(str(e)) from None
+        self.store = Store(self.run_dir, lock=False)
         handlers = self._install_signals()
         try:
             return self._loop()
@@ -99,6 +107,7 @@ class Supervisor:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.store.close()
+            self._writer.release()
             os.close(lock)
 
     def _loop(self) -> Outcome:
@@ -140,12 +149,14 @@ class Supervisor:
     def _launch(self) -> Launch:
         launch = Launch(number=len(self.launches) + 1, start=time.time())
         self._tail.clear()  # errors are this launch's
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, "THERMO_RUN_DIR": str(self.run_dir)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, "THERMO_RUN_DIR": str(self.run_dir),
+               WRITER_TOKEN_ENV: self._writer.token or ""}
         # A session of its own: signals to the supervisor's terminal do not reach it, and the
         # whole group can be signalled at once.
         try:
             self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, start_new_session=True)
+                                          stderr=subprocess.PIPE, start_new_session=True,
+                                          pass_fds=(self._writer.fd,) if self._writer.fd is not None else ())
         except OSError as e:
             raise SupervisorError(f"cannot start {self.command[0]!r}: {e.strerror or e}") from None
         launch.pid = self._proc.pid
