@@ -203,3 +203,23 @@ def test_ranks_agree_on_the_flag_and_stay_identical_under_zero1_and_fsdp2(tmp_pa
         assert r["skipped_step_unchanged"] == [True, True], setup
         if setup != "fsdp2":  # FSDP2 holds each parameter once, sharded: nothing to compare
             assert r["ranks_identical"], setup
+
+
+def test_a_grad_scaler_that_takes_over_found_inf_is_reported_and_does_not_disable_later_skips():
+    """torch's GradScaler sets its own found_inf on a fused optimizer and deletes it after the
+    step: thermo says so, and sets its flag again at the next decision."""
+    model, _ = model_and_twin()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    skip = _DeviceSkip(GuardConfig(skip_z=None), opt, list(model.parameters()), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu")
+    loss = model(torch.randn(4, 8)).square().mean()
+    scaler.scale(loss).backward()
+    skip(loss, torch.tensor(1.0))
+    scaler.step(opt)
+    scaler.update()
+    with pytest.warns(UserWarning, match="GradScaler"):
+        skip.restore()
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    guarded_step(skip, model, opt, seed=2, loss_override=torch.tensor(float("nan")))  # no scaler
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

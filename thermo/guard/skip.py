@@ -87,6 +87,7 @@ class _DeviceSkip:
         self._opt_params = [p for g in self.inner.param_groups for p in g["params"]]
         self._fresh: list = []  # fused mode: params whose state this step creates (see restore)
         self._stateful = False  # every optimizer param has state: no more first steps to watch
+        self._warned_scaler = False
         for opt in self.fused:
             opt.found_inf = self.flag  # read by the fused kernels at optimizer.step()
 
@@ -111,9 +112,12 @@ class _DeviceSkip:
         self.filled += 1
         if self.mode == "snapshot":
             self._take_snapshot()
-        elif self.mode == "fused" and not self._stateful:  # host-side dict lookups, no sync
-            self._fresh = [p for p in self._opt_params if not self.inner.state.get(p)]
-            self._stateful = not self._fresh
+        elif self.mode == "fused":
+            # Set every step: torch's GradScaler.step() replaces found_inf and then deletes it.
+            self.inner.found_inf = self.flag
+            if not self._stateful:  # host-side dict lookups, no sync
+                self._fresh = [p for p in self._opt_params if not self.inner.state.get(p)]
+                self._stateful = not self._fresh
         elif self.mode == "zero_grad":
             for p in self.params:  # drop this step's gradient on the device (not exact: see above)
                 if p.grad is not None:
@@ -154,6 +158,14 @@ class _DeviceSkip:
         is set to zeros here (Adam's initial state; "no buffer yet" for SGD with dampening=0).
         """
         bad = self._bad
+        if self.mode == "fused" and not self._warned_scaler and getattr(self.inner, "found_inf", None) is not self.flag:
+            self._warned_scaler = True  # host-side attribute check, no sync
+            warnings.warn(
+                "thermo's fused skip lost its found_inf flag during optimizer.step(): a "
+                "torch.amp.GradScaler sets (and deletes) its own, so that step's skip was the "
+                "scaler's decision, not thermo's. With a GradScaler use GuardConfig(skip_mode='snapshot').",
+                stacklevel=3,
+            )
         if self.mode == "fused" and self._fresh:
             for p in self._fresh:
                 for value in self.inner.state.get(p, {}).values():
