@@ -467,6 +467,23 @@ def test_sigterm_stops_the_command_and_its_detached_workers(tmp_path):
     assert events(run).iloc[-2]["kind"] == "stop"
 
 
+def test_a_daemon_the_command_double_forked_is_stopped_with_it(tmp_path):
+    run, pidfile = tmp_path / "r", tmp_path / "daemon"
+    out = supervise(run, command=[sys.executable, str(FAULTS / "double_fork.py"), str(pidfile)])
+    assert out.status == "finished"
+    daemon = int(pidfile.read_text())
+    deadline = time.time() + 10
+    while _start_time(daemon) is not None and time.time() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _start_time(daemon) is None, "the double-forked daemon outlived the supervisor"
+    finally:
+        try:
+            os.kill(daemon, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 # -- 7. bad input ------------------------------------------------------------------------------
 
 

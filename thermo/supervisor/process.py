@@ -105,3 +105,30 @@ def _terminate(proc: subprocess.Popen, tree: dict[int, int], grace: float) -> No
         time.sleep(0.05)
     _signal_tree(proc, tree, signal.SIGKILL)
     proc.wait()
+
+
+def _marked(var: str, value: str) -> dict[int, int]:
+    """Live processes whose environment holds ``var=value``, pid -> start time: the command's
+    descendants even after they left its tree (a double-forked daemon is reparented to init and
+    no longer a descendant, but it keeps the environment it was started with)."""
+    if not value:
+        return {}
+    needle = f"{var}={value}".encode()
+    out = {}
+    try:
+        names = [n for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return out
+    for name in names:
+        pid = int(name)
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        t = _start_time(pid)
+        if needle in env and t is not None:
+            out[pid] = t
+    return out

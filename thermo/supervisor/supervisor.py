@@ -32,7 +32,7 @@ from thermo.supervisor.checks import (
 )
 from thermo.supervisor.config import Launch, Outcome, SupervisorConfig, SupervisorError
 from thermo.supervisor.feed import _StoreFeed
-from thermo.supervisor.process import _describe_exit, _terminate, _tree
+from thermo.supervisor.process import _describe_exit, _marked, _terminate, _tree
 
 
 class Supervisor:
@@ -103,7 +103,7 @@ class Supervisor:
             return self._loop()
         finally:
             if self._proc is not None and self._proc.poll() is None:
-                _terminate(self._proc, self._tree, self.config.grace)  # never leave it unsupervised
+                self._kill_tree()  # never leave it unsupervised
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.store.close()
@@ -225,9 +225,15 @@ class Supervisor:
             self._status(launch)
             time.sleep(cfg.poll)
 
+    def _kill_tree(self) -> None:
+        """Terminate the command's process tree, with every process that still carries this
+        supervisor's token in its environment (a daemon the command double-forked)."""
+        self._tree.update(_marked(WRITER_TOKEN_ENV, self._writer.token or ""))
+        _terminate(self._proc, self._tree, self.config.grace)
+
     def _end(self, launch: Launch, ending: str, why: str, fault_time: float, verdict: Verdict | None = None):
         """Terminate the command's process tree and note how the launch ended."""
-        _terminate(self._proc, self._tree, self.config.grace)
+        self._kill_tree()
         self._join_pumps()
         launch.ending, launch.why, launch.verdict = ending, why, verdict
         launch.exit_code, launch.end = self._proc.returncode, time.time()
@@ -239,7 +245,7 @@ class Supervisor:
     def _ended(self, launch: Launch, rc: int, pending) -> None:
         """The command exited by itself: finished, diverged (the Guard gave up) or crashed."""
         noticed = time.time()  # within `poll` of the exit
-        _terminate(self._proc, self._tree, self.config.grace)  # what it left behind (orphans)
+        self._kill_tree()  # what it left behind (orphans, daemons)
         self._join_pumps()
         launch.exit_code, launch.end, launch.fault_time = rc, time.time(), noticed
         if self.feed is not None:
