@@ -610,6 +610,26 @@ def test_a_trainer_orphaned_by_a_killed_supervisor_keeps_a_new_one_out(tmp_path)
     assert out.status == "finished"
 
 
+def test_supervise_cli_takes_its_defaults_from_supervisor_config(tmp_path, monkeypatch):
+    import thermo.supervisor as sup
+
+    seen = {}
+
+    class Fake:
+        def __init__(self, run_dir, command, config):
+            seen["config"] = config
+
+        def run(self):
+            return sup.Outcome("finished", 0, "", [], [])
+
+    monkeypatch.setattr(sup, "Supervisor", Fake)
+    r = CliRunner().invoke(cli, ["supervise", str(tmp_path / "r"), "--", "true"])
+    assert r.exit_code == 0, r.output
+    assert seen["config"] == SupervisorConfig()  # one default, one place
+    r = CliRunner().invoke(cli, ["supervise", "--help"])
+    assert f"[default: ({SupervisorConfig.hang_timeout})]" in r.output
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="SupervisorConfig.hang_timeout"):
         SupervisorConfig(hang_timeout=0)

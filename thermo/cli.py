@@ -258,23 +258,46 @@ def report(run_dirs: tuple[Path, ...], output: Path, layout_file: str | None, cd
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+def _sup(field: str):
+    """A `SupervisorConfig` default, read when the command runs or shows its help (one default,
+    one place; importing the supervisor at import time would slow every ``thermo --help``)."""
+
+    def default():
+        from thermo.supervisor import SupervisorConfig
+
+        return getattr(SupervisorConfig, field)
+
+    return default
+
+
+class _SupOption(click.Option):
+    """Shows the `SupervisorConfig` default its callable reads."""
+
+    def get_help_record(self, ctx):
+        self.show_default = str(self.default())
+        return super().get_help_record(ctx)
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("command", nargs=-1, required=True)
-@click.option("--max-restarts", default=10, show_default=True, help="Give up after this many restarts.")
-@click.option("--max-stalled", default=3, show_default=True,
+@click.option("--max-restarts", type=int, default=_sup("max_restarts"), cls=_SupOption,
+              help="Give up after this many restarts.")
+@click.option("--max-stalled", type=int, default=_sup("max_stalled"), cls=_SupOption,
               help="Give up after this many launches in a row that get no further than before.")
-@click.option("--hang-timeout", default=600.0, show_default=True,
+@click.option("--hang-timeout", type=float, default=_sup("hang_timeout"), cls=_SupOption,
               help="Seconds without a heartbeat or new metrics before the command counts as hung.")
-@click.option("--startup-timeout", default=1800.0, show_default=True,
+@click.option("--startup-timeout", type=float, default=_sup("startup_timeout"), cls=_SupOption,
               help="Seconds a launch may take to its first step (0: no limit).")
-@click.option("--grace", default=30.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
-@click.option("--verdict-grace", default=10.0, show_default=True,
+@click.option("--grace", type=float, default=_sup("grace"), cls=_SupOption,
+              help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--verdict-grace", type=float, default=_sup("verdict_grace"), cls=_SupOption,
               help="Seconds a Guard gets to roll back by itself before the supervisor acts.")
 @click.option("--dtype", default=None, help="Compute dtype for the detector's overflow rule (float16, bfloat16).")
 @click.option("--no-detect", is_flag=True, help="Do not run the detector over the metrics store.")
-@click.option("--poll", default=1.0, show_default=True, help="Seconds between looks.")
-@click.option("--restart-delay", default=1.0, show_default=True, help="Seconds to wait before a restart.")
+@click.option("--poll", type=float, default=_sup("poll"), cls=_SupOption, help="Seconds between looks.")
+@click.option("--restart-delay", type=float, default=_sup("restart_delay"), cls=_SupOption,
+              help="Seconds to wait before a restart.")
 @click.option("--quiet", is_flag=True, help="No status line.")
 def supervise(run_dir: Path, command: tuple[str, ...], max_restarts: int, max_stalled: int, hang_timeout: float,
               startup_timeout: float, grace: float, verdict_grace: float, dtype: str | None, no_detect: bool,
@@ -300,7 +323,7 @@ def supervise(run_dir: Path, command: tuple[str, ...], max_restarts: int, max_st
         max_restarts=max_restarts, max_stalled=max_stalled, hang_timeout=hang_timeout,
         startup_timeout=startup_timeout, grace=grace, verdict_grace=verdict_grace, poll=poll,
         detect=not no_detect, detector=DetectorConfig(dtype=dtype) if dtype else None,
-        restart_delay=restart_delay, status_every=0.0 if quiet else 60.0)
+        restart_delay=restart_delay, **({"status_every": 0.0} if quiet else {}))
     try:
         outcome = Supervisor(run_dir, list(command), config).run()
     except SupervisorError as e:
