@@ -279,6 +279,14 @@ class Store:
             self._lock.release()
             self._lock = None
 
+    def __del__(self) -> None:
+        # A writer dropped without close() (a constructor that raised after opening it) must not
+        # keep the run directory's writer lock for the rest of a long-lived process.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     def __enter__(self) -> Store:
         return self
 
