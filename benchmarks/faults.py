@@ -43,12 +43,15 @@ from thermo.supervisor import Supervisor, SupervisorError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 # The tests' settings, so that the table times exactly what tests/test_supervisor.py asserts.
-from tests.test_supervisor import ENV, FAST, TRAIN, hang_command  # noqa: E402
+from tests.test_supervisor import ENV, FAST, TRAIN, LateSupervisor, hang_command  # noqa: E402
 
 # name -> (what is planted, command args or a full command, config overrides)
 SCENARIOS = {
     "divergence: guard blind": ("poisoned steps 50-52; only the supervisor's detector sees them",
                                 ["--poison-steps", "50-52", "--guard-blind", "--steps", "90"], {}),
+    "divergence: seen after the end": ("the same, but the supervisor looks only once the command has ended "
+                                       "(a fast run)", ["--poison-steps", "50-52", "--guard-blind", "--steps", "70"],
+                                       {}),
     "divergence: guard gives up": ("poisoned steps 50-52, --max-rollbacks 0 (exit 86)",
                                    ["--poison-steps", "50-52", "--max-rollbacks", "0", "--steps", "80"], {}),
     "divergence: guard rolls back": ("poisoned steps 50-52; the Guard repairs it in process",
@@ -138,12 +141,13 @@ def run_scenario(name: str, root: Path) -> dict:
         return dict(name=name, what=what, outcome=outcome, detected="-", recovered="-", redone="-", wall=0.0)
     cmd = hang_command(run) if args == "hang" else [*TRAIN, *args]
     readers = Readers(run) if name.startswith("readers") else None
+    kind = LateSupervisor if "after the end" in name else Supervisor
     t0 = time.time()
     if readers:
         with readers:
-            out = Supervisor(run, cmd, config, env=ENV).run()
+            out = kind(run, cmd, config, env=ENV).run()
     else:
-        out = Supervisor(run, cmd, config, env=ENV).run()
+        out = kind(run, cmd, config, env=ENV).run()
     wall = time.time() - t0
     return summarize(name, what, run, out, wall, readers)
 
