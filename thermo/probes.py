@@ -38,6 +38,9 @@ _MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, tor
                  torch.baddbmm, torch.Tensor.baddbmm, torch.einsum}
 
 
+_ATTENTION_FUNCS = {F.scaled_dot_product_attention, F.multi_head_attention_forward} | _SOFTMAX_FUNCS | _MATMUL_FUNCS
+
+
 def _flex_attention_hop():
     try:
         return torch.ops.higher_order.flex_attention
@@ -592,7 +595,9 @@ class AttentionFinder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.stack:
+        # The stack is read only for the calls that matter: under torch.compile, frames that
+        # read it are guarded on its contents (a recompile per module during discovery).
+        if func in _ATTENTION_FUNCS and self.stack:
             if func is F.scaled_dot_product_attention:
                 self._found(self.stack[-1], "sdpa", sdpa_logits(self.exact, self.bound, *args, **kwargs))
             elif func is F.multi_head_attention_forward:
