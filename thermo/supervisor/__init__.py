@@ -24,12 +24,19 @@ Decisions, each recorded as an event in the store (``verdict``, ``blacklist``, `
   gave up), terminate the process tree (SIGTERM, SIGKILL after ``grace``), mark the checkpoints
   after the rollback target bad, blacklist the sample ids of steps ``[onset - skip_before,
   detection + skip_after]`` (the store's ledger, plus the heartbeat's step in progress) and restart:
-  the command resumes from the newest good checkpoint.
+  the command resumes from the newest good checkpoint. A divergence seen only in the last look at
+  the store after the command exited 0 (a run faster than the polls, or a verdict the Guard
+  recorded at close) gets the same repair: the command finished, but not healthy.
 * crash: restart (the Guard resumes from the newest intact checkpoint). A second crash in a row at
   the same step blacklists that step's batch as poison.
 * hang: terminate and restart.
 * give up (exit 1) after ``max_restarts`` restarts, or after ``max_stalled`` launches in a row that
   got no further than the furthest step reached before.
+
+One writer: the supervisor takes the run directory's writer lock (``RUN/.writer.lock``) and its
+command inherits it (with ``THERMO_WRITER_TOKEN``), so the two count as one writer and a command
+orphaned by a killed supervisor keeps a new one out. Stopping the command stops every process
+that carries that token in its environment, double-forked daemons included.
 
 Example::
 
