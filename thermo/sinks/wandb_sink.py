@@ -1,4 +1,4 @@
-"""Sinks: where flushed records go besides the store. `WandbSink` logs them to Weights & Biases.
+"""`WandbSink`: thermo's records in Weights & Biases, within a key budget, never stalling training.
 
 A sink's `write` is called in the training process at each flush (rank 0 only), so it must cost
 microseconds whatever the far side does. `WandbSink.write` only puts the records on a bounded
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from thermo.sinks.budget import KeyBudget, StepAxis
 from thermo.store import DB_NAME, StepRecord
 
 # Events worth a W&B alert (email/Slack when the user configured it); the rest only get logged.
@@ -41,15 +42,30 @@ class WandbSink:
     first flush reaches it, so building it on every rank is harmless: only rank 0's thermometer
     writes to sinks, and only that rank opens a W&B run. Works with ``WANDB_MODE=offline``.
 
+    Each step logs a budget of keys (`thermo.sinks.KeyBudget`: every scalar, per-block
+    aggregates, the hottest layers; at most 100 keys), and the full per-layer table goes to
+    ``thermo/layers`` at a flush at most every `table_every_s` seconds. Every thermo chart is
+    plotted against ``thermo/step`` (`define_metric`), never W&B's own ``_step``.
+
+    Sharing a run. With a run of yours (`run`, or one already open in the process, e.g. Hugging
+    Face's ``report_to="wandb"``), thermo never creates rows of its own: each flush's latest
+    values join your next row (``commit=False``), so your ``log(..., step=N)`` rows are never
+    refused as "less than the current step", and thermo never finishes your run. A run thermo
+    opens itself gets a row per step.
+
     Args:
-        run: an already initialised W&B run to log into; None (default) makes one with
-            ``wandb.init(**init_kwargs)`` in the background thread. thermo logs without
-            ``step=`` and plots against ``thermo/step`` (steps repeat after a rollback, which
-            W&B's own step would refuse); if you log into the same run, do the same.
+        run: an already initialised W&B run to log into; None (default) uses the run already
+            open in this process (``wandb.run``) if there is one, else makes one with
+            ``wandb.init(**init_kwargs)`` in the background thread.
         run_dir: the run directory. When given, the sink also forwards the store's events
             (verdicts, rollbacks, restarts...) as W&B alerts and markers, and at close logs the
             report's panels (heatmaps, attention lines) as interactive W&B plotly charts.
-        stats: per-layer statistics to log (default: all recorded).
+        budget: the key budget (default `KeyBudget()`); ``KeyBudget(full=True)`` logs every
+            per-layer value every step (small models only).
+        stats: per-layer statistics to log (default: all recorded); shorthand for
+            ``KeyBudget(stats=...)``.
+        own_steps: thermo logs its own rows (one per step). Default: only in a run it opened.
+        table_every_s: seconds between full per-layer tables (0: every flush).
         max_queue: flushes held while W&B is slow; past that, records are dropped and counted.
         close_timeout: seconds `close` waits for the queue to drain and the run to finish.
         figures: log the panels at close (needs `run_dir`).
@@ -58,10 +74,16 @@ class WandbSink:
     Logged keys:
 
     ===========================  ==========================================================
-    ``thermo/step``              the training step (x axis of every thermo chart)
+    ``thermo/step``              x axis of every thermo chart: the training step plus the
+                                 steps rolled back so far, so it never goes back
+    ``thermo/train_step``        the training step (repeats after a rollback)
+    ``thermo/attempt``           the attempt (0, then +1 at each rollback or restart)
     ``thermo/<key>``             every scalar: ``thermo/loss``, ``thermo/grad_norm``...
-    ``<stat>/<layer>``           per-layer extremes, one W&B section per statistic:
-                                 ``act_max/h.3.mlp.c_fc``, ``attn_max/h.3.attn``...
+    ``block_<stat>/<block>``     per-block extreme of `KeyBudget.block_stats`:
+                                 ``block_act_max/h.3``, ``block_attn_max/h.3``
+    ``<stat>/<layer>``           the hottest layers of each statistic that step:
+                                 ``act_max/h.17.mlp.c_fc``, ``attn_max/h.3.attn``...
+    ``thermo/layers``            table (step, layer, stat, value): every layer, at flushes
     ``thermo/event/<kind>``      1 at the step of each event (verdict, rollback, ...)
     ``thermo/events``            table of all events (at close)
     ``thermo/panel/<name>``      the report's plotly panels (at close, with `run_dir`)
@@ -81,7 +103,10 @@ class WandbSink:
         run: Any = None,
         *,
         run_dir: str | os.PathLike | None = None,
+        budget: KeyBudget | None = None,
         stats: Sequence[str] | None = None,
+        own_steps: bool | None = None,
+        table_every_s: float = 60.0,
         max_queue: int = 64,
         close_timeout: float = 30.0,
         figures: bool = True,
@@ -91,11 +116,21 @@ class WandbSink:
             raise ValueError(f"WandbSink max_queue must be an int >= 1, got {max_queue!r}")
         if close_timeout < 0:
             raise ValueError(f"WandbSink close_timeout must be >= 0 seconds, got {close_timeout!r}")
+        if table_every_s < 0:
+            raise ValueError(f"WandbSink table_every_s must be >= 0 seconds, got {table_every_s!r}")
         self._wandb = _require_wandb()  # fail at construction, not in the background thread
         self._run = run
-        self._own_run = run is None
+        self._own_run = run is None  # settled in the worker: a run already open is not ours
+        self._own_steps = own_steps
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.stats = set(stats) if stats is not None else None
+        if budget is None:
+            budget = KeyBudget(stats=tuple(stats) if stats is not None else None)
+        elif stats is not None:
+            raise ValueError("WandbSink: give stats= or budget=, not both (KeyBudget has a stats field)")
+        self.budget = budget
+        self.table_every_s = table_every_s
+        self._next_table = 0.0
+        self._axis = StepAxis()
         self.close_timeout = close_timeout
         self.figures = figures
         self._init_kwargs = init_kwargs
@@ -181,8 +216,12 @@ class WandbSink:
 
     def _work(self) -> None:
         try:
+            if self._run is None and getattr(self._wandb, "run", None) is not None:
+                self._run, self._own_run = self._wandb.run, False  # HF report_to="wandb"...
             if self._run is None:
                 self._run = self._wandb.init(**self._init_kwargs)
+            if self._own_steps is None:
+                self._own_steps = self._own_run
             self._run.define_metric("thermo/step")
             self._run.define_metric("thermo/*", step_metric="thermo/step")
         except Exception as e:  # unreachable server, bad key, init timeout...
@@ -219,29 +258,47 @@ class WandbSink:
         if kind == "event":
             self._log_event(payload)
             return
-        for i, rec in enumerate(payload):
+        rows = [self._row(rec) for rec in payload]
+        if time.monotonic() >= self._next_table and payload:
+            self._next_table = time.monotonic() + self.table_every_s
+            rows[-1]["thermo/layers"] = self._wandb.Table(
+                columns=["step", "layer", "stat", "value"], data=self.budget.table(payload[-1]))
+        if not self._own_steps:
+            # Someone else's run: never a row of our own (it would push W&B's step past theirs
+            # and their next log(step=N) would be refused). The flush's latest values join
+            # their next row.
+            merged: dict[str, Any] = {}
+            for row in rows:
+                merged.update(row)
+            rows = [merged]
+        for i, row in enumerate(rows):
             try:
-                self._run.log(self._row(rec))
-                self.logged += 1
+                self._log(row)
+                self.logged += len(payload) if not self._own_steps else 1
             except Exception as e:  # the run died under us: count the rest, keep training
                 self.error = f"{type(e).__name__}: {e}".splitlines()[0]
-                self._dropped_worker += len(payload) - i
+                self._dropped_worker += len(payload) - (i if self._own_steps else 0)
                 return
 
-    def _row(self, rec: StepRecord) -> dict[str, float]:
+    def _log(self, row: dict[str, Any]) -> None:
+        if self._own_steps:
+            self._run.log(row)
+        else:
+            self._run.log(row, commit=False)
+
+    def _row(self, rec: StepRecord) -> dict[str, Any]:
         self._last_step = rec.step
-        row: dict[str, float] = {"thermo/step": rec.step, "thermo/attempt": rec.attempt}
-        for key, value in rec.scalars.items():
-            if key != "wall_time":  # W&B keeps its own clock
-                row[f"thermo/{key}"] = value
-        for (layer, stat), value in rec.layers.items():
-            if self.stats is not None and stat not in self.stats:
-                continue
-            if stat not in self._defined:
-                self._defined.add(stat)
+        row: dict[str, Any] = {"thermo/step": self._axis(rec.step), "thermo/train_step": rec.step,
+                               "thermo/attempt": rec.attempt}
+        budgeted = self.budget.row(rec)
+        for key in budgeted:
+            section = key.split("/", 1)[0]
+            if section != "thermo" and section not in self._defined:
+                self._defined.add(section)
+                stat = section.removeprefix("block_")
                 summary = "min" if stat.endswith("_min") else "max"
-                self._run.define_metric(f"{stat}/*", step_metric="thermo/step", summary=summary)
-            row[f"{stat}/{layer}"] = value
+                self._run.define_metric(f"{section}/*", step_metric="thermo/step", summary=summary)
+        row.update(budgeted)
         return row
 
     def _poll_events(self) -> None:
@@ -268,7 +325,7 @@ class WandbSink:
         step = e["step"] if e["step"] is not None else self._last_step
         try:
             if step is not None:
-                self._run.log({"thermo/step": step, f"thermo/event/{e['kind']}": 1})
+                self._log({"thermo/step": self._axis.at(step), f"thermo/event/{e['kind']}": 1})
             level = _ALERT_KINDS.get(e["kind"])
             if level is not None:
                 where = f" at step {step}" if step is not None else ""
@@ -285,14 +342,14 @@ class WandbSink:
                 self._poll_events()
             if self._events:
                 table = wandb.Table(columns=["step", "kind", "message", "details"], data=self._events)
-                self._run.log({"thermo/step": self._last_step or 0, "thermo/events": table})
+                self._log({"thermo/step": self._axis.at(self._last_step or 0), "thermo/events": table})
             if self.figures and self.run_dir is not None and (self.run_dir / DB_NAME).is_file():
                 self._log_panels()
             self._run.summary["thermo/dropped_steps"] = self.dropped
         except Exception as e:
             self.error = self.error or f"{type(e).__name__}: {e}".splitlines()[0]
         finally:
-            if self._own_run:
+            if self._own_run:  # never finish a run thermo did not start
                 self._run.finish()
 
     def _log_panels(self) -> None:
@@ -304,7 +361,7 @@ class WandbSink:
         for stat in ("act_max", "attn_max"):
             if (run.layers["stat"] == stat).any():
                 panels[f"heatmap_{stat}"] = {"type": "heatmap", "stat": stat}
-        row: dict[str, Any] = {"thermo/step": self._last_step or 0}
+        row: dict[str, Any] = {"thermo/step": self._axis.at(self._last_step or 0)}
         for name, spec in panels.items():
             row[f"thermo/panel/{name}"] = self._wandb.Plotly(plots.build_panel(run, spec))
-        self._run.log(row)
+        self._log(row)
