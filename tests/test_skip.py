@@ -53,8 +53,7 @@ def assert_same(model_a, opt_a, model_b, opt_b, what):
 def guarded_step(skip, model, opt, seed, loss_override=None):
     loss = backward(model, seed)
     flag = skip(loss if loss_override is None else loss_override, torch.tensor(1.0))
-    opt.step()
-    skip.restore()
+    opt.step()  # the skip restores in the optimizer's step post-hook
     opt.zero_grad(set_to_none=True)
     return flag
 
@@ -164,6 +163,7 @@ def test_no_host_sync_between_flushes(monkeypatch, impl):
         warnings.simplefilter("ignore")
         skip = _DeviceSkip(GuardConfig(skip_window=4, skip_min_window=2), opt, list(model.parameters()),
                            torch.device("cpu"))
+    skip._hook.remove()  # restore by hand below, armed: inside opt.step() torch itself may sync
     armed = {"on": False}
 
     def forbid(name, orig):
@@ -192,6 +192,29 @@ def test_no_host_sync_between_flushes(monkeypatch, impl):
     assert [f.item() for f in flags] == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
+def test_restore_runs_once_per_decision_in_the_step_post_hook():
+    """A second restore (the Guard's after_step) or an optimizer step without a decision never
+    puts back a stale snapshot."""
+    model, _ = model_and_twin()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skip = _DeviceSkip(GuardConfig(skip_z=None), opt, list(model.parameters()), torch.device("cpu"))
+    guarded_step(skip, model, opt, seed=1, loss_override=torch.tensor(float("nan")))  # skipped
+    skip.restore()  # no-op
+    backward(model, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no decision for this one: it is applied, and nothing restores it
+    after = [p.detach().clone() for p in model.parameters()]
+    assert not any(torch.equal(a, b) for a, b in zip(before, after))
+    skip.restore()
+    assert all(torch.equal(a, b) for a, b in zip(after, model.parameters()))
+    skip.remove()
+    backward(model, 3)
+    opt.step()  # removed: no hook left behind
+    assert not opt._optimizer_step_post_hooks
+
+
 def test_ranks_agree_on_the_flag_and_stay_identical_under_zero1_and_fsdp2(tmp_path):
     """Only rank 1's loss spikes; both ranks skip, and the ZeRO-1 and FSDP2 models are untouched."""
     out = tmp_path / "out.json"
@@ -215,10 +238,9 @@ def test_a_grad_scaler_that_takes_over_found_inf_is_reported_and_does_not_disabl
     loss = model(torch.randn(4, 8)).square().mean()
     scaler.scale(loss).backward()
     skip(loss, torch.tensor(1.0))
-    scaler.step(opt)
-    scaler.update()
     with pytest.warns(UserWarning, match="GradScaler"):
-        skip.restore()
+        scaler.step(opt)
+    scaler.update()
     opt.zero_grad()
     before = [p.detach().clone() for p in model.parameters()]
     guarded_step(skip, model, opt, seed=2, loss_override=torch.tensor(float("nan")))  # no scaler

@@ -62,8 +62,7 @@ def run(setup: str, rank: int) -> dict:
         told = loss * float("nan") if (step == 2 and rank == 1) else loss
         before = [local(p).detach().clone() for p in params]
         flags.append(skip(told, torch.tensor(1.0)).item())
-        opt.step()
-        skip.restore()
+        opt.step()  # restored in the step post-hook (ZeRO-1: after its broadcast)
         opt.zero_grad(set_to_none=True)
         if step == 2:
             unchanged = all(torch.equal(a, local(p)) for a, p in zip(before, params))

@@ -64,8 +64,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class _DeviceSkip:
     """Rung 1: decide on the device whether this step's update is applied, and mask it.
 
-    Call it after the backward (and any clipping), before ``optimizer.step()``; call `restore`
-    right after ``optimizer.step()``. Between the two nothing reads a value on the host.
+    Call it after the backward (and any clipping), before ``optimizer.step()``. `restore` runs
+    by itself right after ``optimizer.step()`` (a step post-hook on the optimizer), once per
+    decision; calling it again (the Guard does, in ``after_step``) is a no-op. Nothing here
+    reads a value on the host.
 
     Attributes:
         mode: the resolved mask: ``"fused"``, ``"snapshot"`` or ``"zero_grad"``.
@@ -88,6 +90,9 @@ class _DeviceSkip:
         self._fresh: list = []  # fused mode: params whose state this step creates (see restore)
         self._stateful = False  # every optimizer param has state: no more first steps to watch
         self._warned_scaler = False
+        self._restored = True  # host-side: the last decision's restore is done (or not needed)
+        # On the optimizer the loop steps (ZeroRedundancyOptimizer: after its broadcast).
+        self._hook = optimizer.register_step_post_hook(lambda *_: self.restore())
         for opt in self.fused:
             opt.found_inf = self.flag  # read by the fused kernels at optimizer.step()
 
@@ -110,6 +115,7 @@ class _DeviceSkip:
         slot = self.window[:, self.filled % cfg.skip_window]
         slot.copy_(torch.where(bad, slot, torch.nan_to_num(x)))
         self.filled += 1
+        self._restored = False
         if self.mode == "snapshot":
             self._take_snapshot()
         elif self.mode == "fused":
@@ -157,6 +163,9 @@ class _DeviceSkip:
         so the next step would read garbage (torch 2.13); state created by a skipped first step
         is set to zeros here (Adam's initial state; "no buffer yet" for SGD with dampening=0).
         """
+        if self._restored:
+            return
+        self._restored = True
         bad = self._bad
         if self.mode == "fused" and not self._warned_scaler and getattr(self.inner, "found_inf", None) is not self.flag:
             self._warned_scaler = True  # host-side attribute check, no sync
@@ -188,6 +197,7 @@ class _DeviceSkip:
         return sum(t.numel() * t.element_size() for t in self._snap.values())
 
     def remove(self) -> None:
+        self._hook.remove()
         for opt in self.fused:
             if getattr(opt, "found_inf", None) is self.flag:
                 del opt.found_inf
