@@ -416,3 +416,28 @@ def test_tensorboard_event_file_holds_the_budgeted_keys_and_the_stores_values(tm
     assert block[7] == pytest.approx(want, rel=1e-6)
     assert [e.step for e in acc.Scalars("thermo/event/verdict")] == [12]
     assert "thermo/events/text_summary" in acc.Tags()["tensors"]
+
+
+def test_the_workspace_charts_the_keys_the_sink_logs(capsys):
+    pytest.importorskip("wandb_workspaces", reason="needs wandb-workspaces: pip install 'thermo[wandb]'")
+    import re
+
+    from thermo.sinks import workspace as wsmod
+
+    view = wsmod.workspace("team", "gpt")
+    assert [s.name for s in view.sections][:3] == ["thermo: loss", "thermo: blocks", "thermo: hottest layers"]
+    row = KeyBudget().row(_gpt_record(3, hot="h.17.mlp.c_fc"))
+    logged = set(row) | {"thermo/step", "thermo/attempt", "thermo/event/verdict"}
+    for section in view.sections:
+        for panel in section.panels:
+            if not hasattr(panel, "x"):
+                continue
+            assert panel.x == "thermo/step"
+            if panel.metric_regex:
+                hits = [k for k in logged if re.search(panel.metric_regex, k)]
+                assert hits and all(k.split("/")[0] == hits[0].split("/")[0] for k in hits), hits
+            else:
+                assert panel.y[0] in logged, panel.y
+    assert wsmod.main(["team/gpt", "--dry-run"]) == 0
+    assert "thermo: blocks: activation max per block" in capsys.readouterr().out
+    assert wsmod.main(["team-gpt", "--dry-run"]) == 2

@@ -6,6 +6,8 @@
 `TensorBoardSink`         TensorBoard (extra ``tensorboard``)
 `KeyBudget`               which keys they log per step (scalars, per-block aggregates, the
                           hottest layers; at most 100) and the full table at flushes
+`workspace`               the W&B workspace for those keys:
+                          ``python -m thermo.sinks.workspace ENTITY/PROJECT``
 ========================  =====================================================================
 
 A sink is anything with ``write(records)`` and ``close()`` (`thermo.thermometer.Sink`); the
