@@ -243,6 +243,19 @@ def test_skipped_steps_escalate_and_stay_out_of_baselines():
     assert 2.8 < v.evidence["baseline"] < 3.2
 
 
+def test_an_earlier_harmless_skip_does_not_drag_the_onset_back():
+    # A skip at 60 (harmless: its update never happened), then three in a row at 105-107.
+    recs = series(200)
+    for t in (60, 105, 106, 107):
+        recs[t].scalars.update(grad_norm=30.0, skipped=1.0)
+    v = first(recs)
+    assert (v.onset_step, v.detection_step) == (105, 106)  # the 60 still counts towards the tolerance
+    assert "(onset 105)" in v.message and "(onset 60)" not in v.message
+    # Skips that follow each other within skip_cluster_gap are one episode: its start is the onset.
+    v = first(recs, DetectorConfig(skip_cluster_gap=50))
+    assert v.onset_step == 60 and "(onset 60)" in v.message
+
+
 # -- streaming ---------------------------------------------------------------------------------
 
 

@@ -97,6 +97,10 @@ class DetectorConfig:
         skip_tolerance: skipped steps tolerated within `skip_window` before a rule tripped by a
             skipped step becomes a verdict (the guard handles isolated ones on the device).
         skip_window: steps over which skipped steps are counted.
+        skip_cluster_gap: the onset of a verdict on skipped steps reaches back through the
+            skipped steps that follow each other with at most this many steps between them; an
+            older, isolated skip still counts towards `skip_tolerance` but does not move the
+            onset (it was harmless: its update never happened).
     """
 
     nonfinite: bool = True
@@ -122,6 +126,7 @@ class DetectorConfig:
     onset_lookback: int = 200
     skip_tolerance: int = 2
     skip_window: int = 100
+    skip_cluster_gap: int = 20
 
     def __post_init__(self):
         if not all(isinstance(r, SpikeRule) for r in self.spikes):
@@ -137,7 +142,7 @@ class DetectorConfig:
             object.__setattr__(self, name, tuple(v))
         ints = {"spike_warmup": 0, "spike_window": 2, "spike_min_window": 2, "growth_warmup": 0,
                 "growth_window": 1, "growth_recent": 1, "growth_min_samples": 1,
-                "onset_lookback": 0, "skip_tolerance": 0, "skip_window": 1}
+                "onset_lookback": 0, "skip_tolerance": 0, "skip_window": 1, "skip_cluster_gap": 1}
         for name, lo in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:

@@ -260,9 +260,16 @@ class Detector:
         n = len(self._skipped) - first
         if n <= c.skip_tolerance:
             return None
-        onset = min(verdict.onset_step, self._skipped[first])
+        # The onset reaches back through the cluster of skips that leads up to `t`, not to the
+        # oldest skip in the window: an isolated skip long before was harmless (its update never
+        # happened) and must not drag the rollback and the blacklist back with it.
+        start = len(self._skipped) - 1
+        while start > first and self._skipped[start] - self._skipped[start - 1] <= c.skip_cluster_gap:
+            start -= 1
+        onset = min(verdict.onset_step, self._skipped[start])
         evidence = {**verdict.evidence, "skipped_recent": float(n)}
-        message = f"{verdict.message}; {n} steps skipped in the last {c.skip_window}"
+        message = verdict.message.replace(f"(onset {verdict.onset_step})", f"(onset {onset})")
+        message = f"{message}; {n} steps skipped in the last {c.skip_window}"
         return Verdict(verdict.kind, verdict.signal, verdict.layer, onset, t, evidence, message)
 
     # -- baselines and onsets -----------------------------------------------------------------
