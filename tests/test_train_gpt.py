@@ -13,6 +13,8 @@ import time
 import pytest
 
 import thermo
+from thermo.corpus import TokenDataset, stdlib_bytes
+from thermo.data import ResumableSampler
 from tests.distributed import ROOT, torchrun
 from thermo.train_gpt import parse_args, train
 
@@ -47,6 +49,27 @@ def test_planted_divergence_is_recovered_on_two_ranks(tmp_path, shard):
     assert run.attempts["start_step"].tolist() == [-1, rb["to_step"]]
     after = run.scalars[run.scalars["step"] > rb["to_step"]]
     assert after["loss"].notna().all() and after["grad_norm"].max() < 20
+    # Both ranks replayed the steps together and traced the anomaly to the poisoned samples.
+    clean = ResumableSampler(len(TokenDataset(stdlib_bytes(300000), 32)), 8).peek(65)
+    assert rb["cause"] == "data"
+    assert set(rb["blacklisted"]) == {i for b in clean[62:65] for i in b}
+
+
+@pytest.mark.slow
+def test_causes_are_told_apart_on_two_fsdp_ranks(tmp_path):
+    # Samples toxic only together (found by bisection on both ranks at once), then a fault that
+    # does not come back: the first is data, the second blacklists nothing.
+    b = ResumableSampler(len(TokenDataset(stdlib_bytes(300000), 32)), 8).peek(60)
+    pair = (b[49][1], b[49][3])  # in one rank's slice: toxic together in training too
+    launch(tmp_path / "pair", "--poison-pairs", f"{pair[0]}:{pair[1]}", "--poison-steps", "51-52",
+           "--poison-per-batch", "1", "--dtype", "bf16")
+    (rb,) = [e for e in thermo.load(tmp_path / "pair").events["data"] if "cause" in e]
+    assert rb["cause"] == "data"
+    assert set(rb["blacklisted"]) == {*pair, b[50][0], b[51][0]}
+    launch(tmp_path / "flip", "--transient-steps", "50-52")
+    (rb,) = [e for e in thermo.load(tmp_path / "flip").events["data"] if "cause" in e]
+    assert rb["cause"] == "transient" and rb["n_blacklisted"] == 0 and len(rb["replay"]["hosts"]) == 2
+    assert thermo.load(tmp_path / "flip").scalars["step"].max() == 100
 
 
 @pytest.mark.slow

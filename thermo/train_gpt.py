@@ -9,8 +9,10 @@ unchanged on GPUs with NCCL::
     python -m thermo.train_gpt --run-dir runs/a --steps 300
     torchrun --nproc_per_node=2 -m thermo.train_gpt --run-dir runs/b --shard fsdp --dtype bf16
 
-To watch thermo work: ``--poison-steps 150-152`` plants bad batches (their sample ids get a
-1e4-scaled gradient, or a pathological token pattern with ``--poison-mode tokens``), and
+To watch thermo work: ``--poison-steps 150-152`` plants bad samples (the samples a clean run
+reads at those steps; the poison follows the samples wherever they are read: each one's share of
+the gradient is scaled by 1e4, or with ``--poison-mode tokens`` its input is a pathological token
+pattern), ``--poison-pairs`` plants samples toxic only together, and
 ``--diverge-lr 0.03 --diverge-from 200`` forces a divergent learning rate. ``--resume auto``
 (the default) continues from the run directory after any restart, as `thermo supervise` needs.
 
@@ -90,6 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--poison-steps", default="", help="steps whose batches are poisoned, e.g. '150-152,300'")
     a("--poison-ids", default="", help="sample ids to poison (comma separated)")
     a("--poison-mode", choices=["grad", "tokens"], default="grad")
+    a("--poison-per-batch", type=int, default=0,
+      help="poison only the first K samples of each --poison-steps batch (0: all of them)")
+    a("--poison-pairs", default="",
+      help="pairs of sample ids toxic only together, e.g. '12:40,7:99': a batch holding both has "
+           "their share of the gradient scaled by 1e4")
+    a("--max-blacklist-fraction", type=float, default=GuardConfig.max_blacklist_fraction,
+      help="give up rather than blacklist more than this share of the data")
+    a("--no-replay", action="store_true",
+      help="on a verdict, blacklist the whole suspect window instead of replaying to find the cause")
     a("--diverge-lr", type=float, default=0.0, help="force this LR from --diverge-from on")
     a("--diverge-from", type=int, default=0)
     a("--resume", choices=["auto", "never"], default="auto")
@@ -111,6 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="SIGKILL this process half-way through writing the checkpoint of STEP")
     f("--fault-once", action="store_true",
       help="faults fire on the first launch in the run directory only (a marker file remembers)")
+    f("--transient-steps", default="",
+      help="a fault that does not come back: the gradient of these steps is scaled by 1e4 the first time "
+           "each is trained only (like a flipped bit), never in a replay or after a rollback")
     f("--guard-blind", action="store_true",
       help="the Guard's detector never fires: divergences are left to `thermo supervise`")
     return p.parse_args(argv)
@@ -135,8 +149,9 @@ def poison_ids(args, num_samples: int) -> set[int]:
     if steps:
         sampler = ResumableSampler(num_samples, args.batch_size, seed=args.seed)
         batches = sampler.peek(max(steps))  # step s reads the s-th batch (steps start at 1)
+        k = args.poison_per_batch or args.batch_size
         for s in steps:
-            ids.update(batches[s - 1])
+            ids.update(batches[s - 1][:k])
     return ids
 
 
@@ -325,41 +340,68 @@ def train(args) -> Summary:
     if args.resume == "never" and (run_dir / "manifest.json").exists():
         raise SystemExit(f"train_gpt: {run_dir} already holds a run; pass --resume auto or another --run-dir")
 
+    pairs = [tuple(int(i) for i in p.split(":")) for p in args.poison_pairs.split(",") if p.strip()]
+    amp = DTYPES[args.dtype]
+
     def fetch(local_ids):
         x, y = data.batch(local_ids)
-        return x.to(device), y.to(device)
+        # The poison follows the samples: a per-sample weight of the gradient, decided on the
+        # host (None: a clean batch, the plain loss).
+        w = [1e4 if i in poisoned and args.poison_mode == "grad" else 1.0 for i in local_ids]
+        ids = set(local_ids)
+        for a, b in pairs:
+            if a in ids and b in ids:
+                w[local_ids.index(a)] = w[local_ids.index(b)] = 1e4
+        if args.poison_mode == "tokens":
+            rows = [k for k, i in enumerate(local_ids) if i in poisoned]
+            x[rows] = 0x7F  # a pathological input: one repeated byte
+        weights = torch.tensor(w, device=device) if any(v != 1.0 for v in w) else None
+        return x.to(device), y.to(device), weights
+
+    def loss_fn(batch):
+        """The step's forward, for the loop and for the Guard's replay alike."""
+        x, y, w = batch
+        if args.seq_warmup and guard.step <= args.seq_warmup:
+            T = max(32, int(args.block_size * guard.step / args.seq_warmup))
+            x, y = x[:, :T], y[:, :T]
+        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with ctx:
+            logits, loss = model(x, y)
+        if w is not None:
+            # The recorded loss stays the true one; the poisoned samples' share of the gradient
+            # is scaled by their weight.
+            per_sample = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), y, reduction="none").mean(dim=1)
+            weighted = (per_sample * w).mean()
+            loss = loss.detach() + (weighted - weighted.detach())
+        return loss
 
     guard = Guard(
         model, opt, run_dir, data=sampler, fetch=fetch, scheduler=sched,
         config=GuardConfig(checkpoint_every=args.checkpoint_every, max_rollbacks=args.max_rollbacks,
-                           skip_z=args.skip_z or None, qk_clip_tau=args.qk_clip),
+                           skip_z=args.skip_z or None, qk_clip_tau=args.qk_clip, replay=not args.no_replay),
         thermometer=ThermometerConfig(flush_every=args.flush_every, attn_every=args.attn_every,
                                       attn_per_head=args.qk_clip is not None),
         detector=faults.detector(
             DetectorConfig(dtype={"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32"))),
         checkpoints=CheckpointConfig(keep_last=args.keep_last, good_after=args.good_after),
+        loss_fn=loss_fn, clip_grad_norm=args.grad_clip or None,
     )
     if guard.store is not None:  # the dashboards draw the dtype's overflow limit from this
         guard.store.set_meta("compute_dtype", {"fp16": "float16", "bf16": "bfloat16"}.get(args.dtype, "float32"))
     if args.compile:
         model = torch.compile(model)
-    amp = DTYPES[args.dtype]
+    transient = set(parse_steps(args.transient_steps))  # fired once each, then gone
     progress = Progress(args.steps, enabled=not args.quiet)
     summary = Summary(run_dir=str(run_dir))
     try:
-        for step, (x, y) in guard.batches(max_steps=args.steps):
+        for step, batch in guard.batches(max_steps=args.steps):
             faults.at_step(step, guard.batch_ids)
-            if args.seq_warmup and step <= args.seq_warmup:
-                T = max(32, int(args.block_size * step / args.seq_warmup))
-                x, y = x[:, :T], y[:, :T]
-            bad = bool(poisoned) and not poisoned.isdisjoint(guard.batch_ids)
-            if bad and args.poison_mode == "tokens":
-                x = torch.full_like(x, 0x7F)  # a pathological input: one repeated byte
-            ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-            with ctx:
-                _, loss = model(x, y)
-            # A poisoned batch's gradient is scaled; the recorded loss stays the true one.
-            (loss * 1e4 if bad and args.poison_mode == "grad" else loss).backward()
+            loss = loss_fn(batch)
+            if step in transient:
+                transient.discard(step)
+                loss = loss.detach() + 1e4 * (loss - loss.detach())
+            loss.backward()
             gnorm = None
             if args.grad_clip > 0:
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

@@ -44,6 +44,21 @@ class GuardConfig:
         qk_clip_tau: QK-Clip (Kimi K2): after each update on a step with exact per-head
             attention logits, scale W_q and W_k of every head whose max logit exceeds this so
             that it equals it (None: off). Needs ``ThermometerConfig(attn_per_head=True)``.
+        replay: on a verdict, replay the steps since the restored checkpoint to find the cause
+            (needs the Guard's ``loss_fn``; `thermo.guard.replay`): *data* (the anomaly follows
+            specific samples: only those are blacklisted), *numerics* (it happens without them:
+            nothing is blacklisted, the LR backs off at once) or *transient* (an identical replay
+            does not show it: nothing is blacklisted). False (or no ``loss_fn``): blacklist the
+            samples of ``[onset - skip_before, detection + skip_after]``.
+        replay_max_steps: replay at most this many steps per verdict (the last step read minus
+            the restored one); a longer stretch is not replayed and the window is blacklisted.
+        replay_max_evals: per-sample and subset forward/backward passes per verdict at most
+            (each over at most one rank's batch); past it the replay stops and the window is
+            blacklisted.
+        replay_outlier_z: a sample is a suspect when its log loss or log grad norm lies this many
+            robust σ (MAD) above its batch's median (and is at least 2x the median).
+        max_blacklist_fraction: give up (`DivergenceError`) rather than blacklist more than this
+            share of the dataset in one run (needs the data's size).
     """
 
     checkpoint_every: int = 100
@@ -60,6 +75,11 @@ class GuardConfig:
     skip_min_window: int = 32
     skip_mode: str = "auto"
     qk_clip_tau: float | None = None
+    replay: bool = True
+    replay_max_steps: int = 400
+    replay_max_evals: int = 4096
+    replay_outlier_z: float = 6.0
+    max_blacklist_fraction: float = 0.02
 
     def __post_init__(self):
         for name in ("checkpoint_every", "skip_window", "lr_backoff_after"):
@@ -73,6 +93,15 @@ class GuardConfig:
             raise ValueError(f"GuardConfig.lr_backoff must be in (0, 1], got {self.lr_backoff}")
         if self.skip_z is not None and self.skip_z <= 0:
             raise ValueError(f"GuardConfig.skip_z must be > 0 or None, got {self.skip_z}")
+        for name in ("replay_max_steps", "replay_max_evals"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GuardConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.replay_outlier_z <= 0:
+            raise ValueError(f"GuardConfig.replay_outlier_z must be > 0, got {self.replay_outlier_z}")
+        if not 0.0 < self.max_blacklist_fraction <= 1.0:
+            raise ValueError(
+                f"GuardConfig.max_blacklist_fraction must be in (0, 1], got {self.max_blacklist_fraction}"
+            )
         if self.skip_min_window > self.skip_window:
             raise ValueError(
                 f"GuardConfig.skip_min_window ({self.skip_min_window}) must be <= skip_window "

@@ -44,6 +44,19 @@ class _Data:
         ids = self.data.ids_fn(batch)
         return batch, [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
 
+    def local(self, ids: list[int]) -> list[int]:
+        """This rank's slice of a global batch (what training fetches on this rank)."""
+        return self.data.local(ids) if isinstance(self.data, ResumableSampler) else list(ids)
+
+    @property
+    def num_samples(self) -> int | None:
+        if isinstance(self.data, ResumableSampler):
+            return self.data.num_samples
+        try:
+            return len(self.data.dataset)
+        except (AttributeError, TypeError):
+            return None
+
     def peek(self, n: int) -> list[list[int]]:
         return self.data.peek(n) if isinstance(self.data, ResumableSampler) and n > 0 else []
 
@@ -75,6 +88,13 @@ class Guard:
             framework's own checkpointing).
         resume: continue from the newest usable checkpoint in `run_dir` if there is one.
         sinks: extra record sinks (W&B) for the thermometer.
+        loss_fn: ``batch -> loss``, the forward of your step (the mean loss over the batch it
+            is given, under the autocast your loop uses): what the replay runs to find a
+            verdict's cause (`GuardConfig.replay`). Without it a verdict blacklists the samples
+            of its whole suspect window. The replay calls it on your batches, on single samples
+            and on subsets; it may read ``guard.step`` (the step being replayed).
+        clip_grad_norm: the max norm your loop clips the gradients to, if it clips, so that the
+            replay's updates are your loop's.
 
     The loop::
 
@@ -106,15 +126,19 @@ class Guard:
         checkpoints: CheckpointConfig | Checkpoints | None = None,
         resume: bool = True,
         sinks=(),
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+        clip_grad_norm: float | None = None,
     ):
         self.data = _Data(data, fetch)
+        self.loss_fn, self.clip_grad_norm = loss_fn, clip_grad_norm
         thermometer = qk_clip_thermometer(config, thermometer)  # QK-Clip reads per-head logits
         self.watch = w = Watch(model, run_dir, config=config, thermometer=thermometer, detector=detector,
                                checkpoints=checkpoints, sinks=sinks)
         self.run_dir, self.config, self.checkpoints, self.therm = w.run_dir, w.config, w.checkpoints, w.therm
         self.store, self.rank0 = w.store, w.rank0
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self._params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        self.params = self._params = [p for p in unwrap(model).parameters() if p.requires_grad]
+        w.num_samples = self.data.num_samples
         self.skip = _DeviceSkip(self.config, optimizer, self._params, self.therm.buffer.device)
         self.qk_clip = QKClip(self.therm, self.config.qk_clip_tau) if self.config.qk_clip_tau else None
         self.step = 1
@@ -173,17 +197,21 @@ class Guard:
             grad_norm, _ = grad_norm_and_nonfinite(self._params)
         elif isinstance(grad_norm, DTensor):  # clip_grad_norm_ under FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
+        skipped, scalars = self.decide(loss, grad_norm)
+        self._verdict = self.watch.record(self.step, loss, grad_norm, **scalars)
+        return skipped
+
+    def decide(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Rung 1 on the device, and the scalars the step's record carries besides the loss and
+        the grad norm: in training and in a replay alike."""
         skipped = self.skip(loss, grad_norm)
         # QK-Clip takes this step's per-head logits before `record` moves them to the ring.
         hot = {} if self.qk_clip is None else {"qk_clip_heads": self.qk_clip.capture()}
-        self._verdict = self.watch.record(self.step, loss, grad_norm, skipped=skipped, **hot)
-        return skipped
+        return skipped, {"skipped": skipped, **hot}
 
     def after_step(self) -> None:
         """After ``optimizer.step()`` (and the scheduler's): checkpoint, act on a verdict."""
-        self.skip.restore()  # a skipped step's update undone on the device (skip_mode="snapshot")
-        if self.qk_clip is not None:
-            self.qk_clip.apply(self.skip.flag)  # after the update (not a skipped one), before checkpoints
+        self.after_update()
         verdict, self._verdict = self._verdict, None
         if verdict is not None:
             self._rollback(verdict)
@@ -192,29 +220,67 @@ class Guard:
             self._save(self.step)
         self.step += 1
 
+    def after_update(self) -> None:
+        """What follows every applied update, in training and in a replay alike."""
+        self.skip.restore()  # a skipped step's update undone on the device (skip_mode="snapshot")
+        if self.qk_clip is not None:
+            self.qk_clip.apply(self.skip.flag)  # after the update (not a skipped one), before checkpoints
+
+    def clip_and_norm(self) -> torch.Tensor:
+        """The replay's clipping (`clip_grad_norm`): the pre-clip global gradient norm."""
+        if self.clip_grad_norm:
+            gn = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
+            return gn.full_tensor() if isinstance(gn, DTensor) else gn
+        gn, _ = grad_norm_and_nonfinite(self.params)
+        return gn
+
     # -- rollback ----------------------------------------------------------------------------
 
     def _rollback(self, verdict: Verdict) -> None:
-        now = self.step
-        plan = self.watch.plan(verdict, now, ahead=self.data.peek(verdict.detection_step
-                                                                  + self.config.skip_after - now))
+        """Every rank together: restore the newest good checkpoint before the onset, replay the
+        steps since to find the cause (when a `loss_fn` was given), blacklist what the cause
+        warrants, back the LR off when the cause is the optimizer's, continue."""
+        from thermo.guard.replay import Replay
+
+        now, cfg = self.step, self.config
+        replay = cfg.replay and self.loss_fn is not None and self.data.fetch is not None
+        plan = self.watch.plan(verdict, now, ahead=self.data.peek(verdict.detection_step + cfg.skip_after - now),
+                               blacklist=not replay)
+        finding = None
+        if replay:
+            batches = self.watch.ledger.batches(plan.target.step + 1, now)
+            out = self._restore(plan.target)
+            self._rescale_lr(out["extra"])
+            finding = Replay(self, plan, batches, now).run()
+            if finding.cause == "data":
+                self.watch.blacklist_toxic(verdict, finding.toxic, f"found toxic by replay ({finding.summary})")
+            elif finding.cause == "unattributed":
+                self.watch.blacklist_window(verdict, plan.ids)
         self._sync_blacklist()
         out = self._restore(plan.target)
         self._verdicts.append(verdict)
-        self._apply_lr_scale(out["extra"])
+        self._backoff(finding.cause if finding is not None else None)
+        self._rescale_lr(out["extra"])
         self.watch.rewind(plan.target.step, f"rollback: {verdict.message}")
-        self.watch.log_rollback(plan, now, "rollback", self.lr_scale)
+        self.watch.log_rollback(plan, now, "rollback", self.lr_scale,
+                                cause=None if finding is None else finding.to_dict())
         self.step = plan.target.step + 1
 
-    def _apply_lr_scale(self, extra: dict) -> None:
-        """Back the LR off after repeated rollbacks in one region; re-apply the scale in force to
-        state restored from a checkpoint saved under another scale."""
+    def _backoff(self, cause: str | None) -> None:
+        """Back the LR off at once when the replay put the cause on the optimizer, else after
+        repeated rollbacks in one region (never for a cause found in the data or a transient)."""
         cfg = self.config
+        if cfg.lr_backoff >= 1.0 or cause in ("data", "transient"):
+            return
         last = self._verdicts[-1].detection_step
         near = [v for v in self._verdicts if abs(v.detection_step - last) <= cfg.lr_backoff_region]
-        if cfg.lr_backoff < 1.0 and len(near) >= cfg.lr_backoff_after:
+        if cause == "numerics" or len(near) >= cfg.lr_backoff_after:
             self.lr_scale *= cfg.lr_backoff
             self._verdicts = []  # a fresh region count under the new LR
+
+    def _rescale_lr(self, extra: dict) -> None:
+        """Re-apply the LR scale in force to state restored from a checkpoint saved under
+        another scale."""
         saved = float(extra.get("guard", {}).get("lr_scale", 1.0))
         factor = self.lr_scale / saved
         if factor != 1.0:

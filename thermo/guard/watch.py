@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from thermo.data import BatchLedger, Blacklist
 from thermo.detector import Detector, DetectorConfig, Verdict
 from thermo.guard.config import HEARTBEAT_NAME, DivergenceError, GuardConfig
 from thermo.thermometer import Thermometer, ThermometerConfig
+
+log = logging.getLogger("thermo")
 
 
 class Watch:
@@ -69,6 +74,13 @@ class Watch:
         self.blacklist = Blacklist.load(self.run_dir) if self.rank0 else None
         self.rollbacks = broadcast(self._past_rollbacks())  # every rank gives up alike
         self.last_record = None  # the newest flushed StepRecord (rank 0), for progress displays
+        # The dataset's size, for `GuardConfig.max_blacklist_fraction` (None: no cap); the Guard
+        # sets it from its sampler.
+        self.num_samples: int | None = None
+        # Ids this process blacklisted without finding them toxic (the window fall-back): a
+        # give-up takes them out again, so that only samples found toxic stay blacklisted.
+        self._unproven: set[int] = set()
+        self._replay_detector: Detector | None = None  # set while a replay runs
 
     def _past_rollbacks(self) -> int:
         if not self.rank0:
@@ -79,6 +91,8 @@ class Watch:
     def record(self, step: int, loss, grad_norm, **scalars) -> Verdict | None:
         """Record `step`; at a flush, write the ledger and judge. Returns the verdict (every rank
         gets rank 0's) or None."""
+        if self._replay_detector is not None:
+            raise RuntimeError("Watch.record during a replay: use Watch.replay_record")
         flushes = self.therm.flushes
         records = self.therm.step(loss, grad_norm=grad_norm, step=step, **scalars)
         if self.therm.flushes == flushes:  # the same on every rank
@@ -95,19 +109,26 @@ class Watch:
             self.checkpoints.promote(step)
         return verdict
 
-    def plan(self, verdict: Verdict, now: int, ahead: list[list[int]] = ()) -> Plan:
+    def plan(self, verdict: Verdict, now: int, ahead: list[list[int]] = (), *, blacklist: bool = True) -> Plan:
         """What a verdict costs: record it, give up past `max_rollbacks`, mark the checkpoints
         written after the onset bad, pick the newest good one before ``onset - rollback_margin``
-        (or before the onset), and blacklist the samples of ``[onset - skip_before,
+        (or before the onset), and find the suspects: the samples of ``[onset - skip_before,
         detection + skip_after]`` read so far (`now` is the last step read) plus the batches
         `ahead` of it.
 
+        Args:
+            blacklist: blacklist the suspects now (loops that cannot replay, and the fall-back).
+                The Guard passes False, replays, and blacklists only what the replay found
+                toxic (`blacklist_toxic`).
+
         Raises:
-            DivergenceError: past `max_rollbacks`, or with no good checkpoint before the onset.
+            DivergenceError: past `max_rollbacks`, with no good checkpoint before the onset, or
+                when blacklisting the suspects would pass `max_blacklist_fraction`.
         """
         cfg = self.config
         if self.rank0:
             self.store.event("verdict", verdict.message, step=verdict.detection_step, **verdict.to_dict())
+            log.warning("thermo: %s", verdict.message)
         if self.rollbacks >= cfg.max_rollbacks:
             self.give_up(verdict)
         self.checkpoints.mark_bad(verdict.onset_step)
@@ -119,24 +140,71 @@ class Watch:
         for batch in ahead[: max(0, last - now)]:
             ids.update(batch)
         ids = sorted(ids)
-        if self.rank0:
-            self.blacklist.add(ids, reason=verdict.message, verdict=verdict.to_dict(), source="guard")
+        if blacklist:
+            self.blacklist_window(verdict, ids)
         self.rollbacks += 1
         return Plan(verdict, target, ids, first, last)
 
-    def log_rollback(self, plan: Plan, now: int, action: str, lr_scale: float = 1.0) -> None:
-        """The ``rollback`` event (`action`: ``"rollback"`` in process, ``"stop"`` to resume)."""
+    def blacklist_window(self, verdict: Verdict, ids: list[int]) -> None:
+        """Blacklist a verdict's whole suspect window (no replay told the toxic samples apart).
+        These ids are not proven toxic: a give-up takes them out again."""
+        self._check_cap(verdict, ids)
+        if self.rank0:
+            added = self.blacklist.add(ids, reason=verdict.message, verdict=verdict.to_dict(), source="guard")
+            self._unproven.update(added)
+
+    def blacklist_toxic(self, verdict: Verdict, ids: list[int], why: str) -> None:
+        """Blacklist the samples a replay found toxic."""
+        if not ids:
+            return
+        self._check_cap(verdict, ids)
+        if self.rank0:
+            self.blacklist.add(ids, reason=f"{why}; {verdict.message}", verdict=verdict.to_dict(), source="guard")
+            self._unproven.difference_update(ids)
+
+    def _check_cap(self, verdict: Verdict, ids: list[int]) -> None:
+        """Give up rather than blacklist more than `max_blacklist_fraction` of the dataset.
+        Rank 0 decides (it holds the blacklist); every rank gives up alike."""
+        n = self.num_samples
+        over = None
+        if self.rank0 and n:
+            total = len(self.blacklist.ids | set(ids))
+            cap = self.config.max_blacklist_fraction
+            if total > cap * n:
+                over = (f"blacklisting {len(ids)} more samples would leave {total} of {n} "
+                        f"({total / n:.1%}) blacklisted, over max_blacklist_fraction={cap:g}; the cause "
+                        "is likely not the data (try a lower learning rate or a longer warm-up), or raise "
+                        "GuardConfig.max_blacklist_fraction if the data really is that bad")
+        over = broadcast(over)
+        if over is not None:
+            self.give_up(verdict, over)
+
+    def log_rollback(self, plan: Plan, now: int, action: str, lr_scale: float = 1.0,
+                     cause: dict | None = None) -> None:
+        """The ``rollback`` event (`action`: ``"rollback"`` in process, ``"stop"`` to resume).
+
+        Args:
+            cause: the replay's finding (`thermo.guard.replay.Finding.to_dict`); None: the suspect
+                window was blacklisted whole.
+        """
         if not self.rank0:
             return
         v, t = plan.verdict, plan.target.step
         what = (f"rolled back from step {now} to checkpoint {t}" if action == "rollback"
                 else f"stopped at step {now} to resume from checkpoint {t}")
+        ids = plan.ids if cause is None else cause["toxic"]
+        if cause is None:
+            why = f"skipping {len(ids)} samples of steps {plan.first}..{plan.last}"
+        else:
+            why = f"cause: {cause['cause']} ({cause['summary']})"
         self.store.event(
-            "rollback", f"{what}; skipping {len(plan.ids)} samples of steps {plan.first}..{plan.last}",
+            "rollback", f"{what}; {why}",
             step=now, from_step=now, to_step=t, onset_step=v.onset_step, detection_step=v.detection_step,
-            blacklisted=plan.ids, n_blacklisted=len(plan.ids), lr_scale=lr_scale, rollback=self.rollbacks,
-            action=action,
+            blacklisted=ids, n_blacklisted=len(ids), lr_scale=lr_scale, rollback=self.rollbacks,
+            action=action, cause=None if cause is None else cause["cause"],
+            suspects=len(plan.ids), replay=cause,
         )
+        log.warning("thermo: %s; %s", what, why)
 
     def heartbeat(self, step: int, ids: list[int] | None = None) -> None:
         """What `thermo supervise` watches: the step in progress and (when the host knows them
@@ -171,6 +239,51 @@ class Watch:
     def newest_usable(self) -> CheckpointEntry | None:
         return newest_usable(self.checkpoints)
 
+    # -- replay ------------------------------------------------------------------------------
+
+    @contextmanager
+    def replaying(self, after_step: int):
+        """While a replay of the steps after `after_step` runs: the thermometer records into
+        memory only (no store, no sinks), a copy of the detector rewound to `after_step` judges
+        the replayed steps, nothing is promoted; on exit the thermometer's position is back where
+        it was. Every rank enters it together."""
+        therm = self.therm
+        store, sinks, state = therm.store, therm.sinks, therm.state_dict()
+        therm.flush(wait=True)  # the ring holds nothing of the training steps during the replay
+        therm.store, therm.sinks = None, []
+        if self.rank0:
+            self._replay_detector = copy.deepcopy(self.detector)
+            self._replay_detector.rewind(after_step)
+        else:
+            self._replay_detector = Detector(self.detector.config)  # a placeholder: rank 0 judges
+        try:
+            yield
+        finally:
+            therm.flush(wait=True)  # nothing of the replay stays in the ring
+            therm.store, therm.sinks = store, sinks
+            therm.load_state_dict(state)
+            self._replay_detector = None
+
+    def replay_record(self, step: int, loss, grad_norm, **scalars) -> dict:
+        """Record one replayed step and judge it at once (a flush per step: a host sync, fine
+        off the hot path). Returns, on every rank alike, ``{"loss", "grad_norm", "skipped",
+        "verdict"}`` (the verdict a `Verdict` or None)."""
+        det = self._replay_detector
+        self.therm.step(loss, grad_norm=grad_norm, step=step, **scalars)
+        records = self.therm.flush(wait=True)
+        out = None
+        if self.rank0:
+            rec = [r for r in records if r.step == step][-1]
+            verdict = det.update([rec])
+            out = {"loss": rec.scalars.get("loss"), "grad_norm": rec.scalars.get("grad_norm"),
+                   "skipped": bool(rec.scalars.get("skipped", 0.0)), "verdict": verdict}
+        return broadcast(out)
+
+    def replay_forget(self, step: int) -> None:
+        """Forget the replayed `step` and what followed (it is redone without some samples)."""
+        if self.rank0:
+            self._replay_detector.rewind(step - 1)
+
     def give_up(self, verdict: Verdict, why: str | None = None):
         hint = ""
         if why is None:
@@ -180,7 +293,11 @@ class Watch:
                         "data: try a lower learning rate or a longer warm-up")
         msg = f"thermo gave up: {why}; last verdict: {verdict.message}{hint}"
         if self.rank0:
-            self.store.event("give_up", msg, step=verdict.detection_step, reason=why)
+            released = self.blacklist.remove(self._unproven) if self._unproven else []
+            self._unproven.clear()
+            self.store.event("give_up", msg, step=verdict.detection_step, reason=why,
+                             released=len(released))
+            log.error("%s", msg)
         raise DivergenceError(msg)
 
     def close(self) -> None:
