@@ -403,3 +403,26 @@ def test_cli_dashboard_unknown_layout_name_is_one_line(tmp_path):
     res = CliRunner().invoke(main, ["dashboard", str(tmp_path), "--layout", "atention"])
     assert res.exit_code == 2 and res.output.count("\n") == 1
     assert "no layout named 'atention'; shipped layouts: attention, deep, default" in res.output
+
+
+def test_compare_app_overlays_runs_and_heads_each(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    with Store(a) as store:
+        store.write([_rec(s, loss=5.0 - 0.1 * s) for s in range(20)])
+    with Store(b) as store:
+        store.write([_rec(s, loss=4.0) for s in range(10)])
+        store.event("verdict", "loss spike", step=8, kind="spike", signal="loss", layer=None,
+                    onset_step=6, detection_step=8)
+        store.event("give_up", "gave up", step=8, reason="no good checkpoint from before the onset")
+    app = create_app([a, b])
+    client = app.server.test_client()
+    dep = client.get("/_dash-dependencies").get_json()[0]
+    resp = client.post("/_dash-update-component", json=_body(dep, {
+        "thermo-tick.n_intervals": 1, "thermo-version.data": None})).get_json()["response"]
+    fig = resp["graph-compare"]["figure"]
+    shown = [t["name"] for t in fig["data"] if t.get("showlegend") is not False]
+    assert shown == [str(a), str(b)]
+    assert any(t["name"] == f"{b}: verdicts" for t in fig["data"])
+    head_b = json.dumps(resp["run1-headline"]["children"])
+    assert "gave up at step 8: no good checkpoint from before the onset" in head_b
+    assert "run1-run-status" in head_b and "training" in json.dumps(resp["run0-headline"]["children"])

@@ -209,13 +209,14 @@ _LAYOUT_HELP = ("Panel layout: a shipped one by name (default, attention, deep) 
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--port", default=8050, show_default=True, help="TCP port to serve on.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (keep the default and use an SSH tunnel to view remotely).")
 @click.option("--layout", "layout_file", help=_LAYOUT_HELP)
-def dashboard(run_dir: Path, port: int, host: str, layout_file: str | None):
-    """Serve a live dashboard of RUN_DIR that updates while it trains (read-only).
+def dashboard(run_dirs: tuple[Path, ...], port: int, host: str, layout_file: str | None):
+    """Serve a live dashboard of RUN_DIRS that updates while they train (read-only). One run
+    directory: its headline and panels; several: their headlines and loss and grad norm overlaid.
 
     Exit status: 0 when stopped with Ctrl-C, 2 on bad input (a bad layout, a taken port).
     """
@@ -227,12 +228,13 @@ def dashboard(run_dir: Path, port: int, host: str, layout_file: str | None):
     except ImportError as e:  # Dash is an optional extra: say which one
         raise click.ClickException(str(e)) from None
     _check_port_free(host, port)
-    if not run_dir.is_dir():
-        click.echo(f"thermo: note: {run_dir} does not exist yet; waiting for the run to create it",
-                   err=True)
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            click.echo(f"thermo: note: {run_dir} does not exist yet; waiting for the run to create it",
+                       err=True)
     click.echo(f"thermo dashboard: http://{host}:{port}/  (Ctrl-C to stop)", err=True)
     try:
-        serve(run_dir, host=host, port=port, layout=layout)
+        serve(list(run_dirs) if len(run_dirs) > 1 else run_dirs[0], host=host, port=port, layout=layout)
     except ImportError as e:  # Dash is an optional extra: say which one
         raise click.ClickException(str(e)) from None
 

@@ -212,19 +212,19 @@ def _require_dash():
     return dash
 
 
-def _headline(story: plots.Story):
+def _headline(story: plots.Story, prefix: str = "thermo"):
     from dash import html
 
     color = plots.story.STATUS_COLORS.get(story.status, "#7f7f7f")
     n = len(story.incidents)
     return [
-        html.Span(story.status, id="thermo-run-status", style={
+        html.Span(story.status, id=f"{prefix}-run-status", style={
             "background": color, "color": "white", "padding": "2px 8px", "borderRadius": "4px",
             "fontWeight": "bold", "marginRight": "8px"}),
-        html.Span(story.status_line, id="thermo-status-line"),
+        html.Span(story.status_line, id=f"{prefix}-status-line"),
         html.Span(f" · {n} verdict{'s' * (n != 1)}" if n else " · no verdicts",
                   style={"color": "#666"}),
-        html.Ul(id="thermo-incidents", style={"margin": "4px 0 0 0"}, children=[
+        html.Ul(id=f"{prefix}-incidents", style={"margin": "4px 0 0 0"}, children=[
             html.Li(i.line, className="incident", style={"color": "#b22222"}) for i in story.incidents
         ] + [html.Li(o, className="other", style={"color": "#555"}) for o in story.other]),
     ]
@@ -254,8 +254,9 @@ def _apply_ui(fig, key: str):
     return fig
 
 
-def create_app(run_dir: str | os.PathLike, layout: dict | str | os.PathLike | None = None):
-    """The Dash app for one run directory (serve it with `serve`, or ``app.run(...)``).
+def create_app(run_dir: str | os.PathLike | list, layout: dict | str | os.PathLike | None = None):
+    """The Dash app for one run directory (serve it with `serve`, or ``app.run(...)``); a list
+    of run directories gives a page comparing them (`create_compare_app`).
 
     The page opens with the run's headline (training / finished / gave up, each verdict with its
     cause, onset and layer, and what thermo did about it), then the numbers of the last step and
@@ -278,6 +279,10 @@ def create_app(run_dir: str | os.PathLike, layout: dict | str | os.PathLike | No
         >>> app = create_app("runs/exp1", "attention")
         >>> app.run(host="127.0.0.1", port=8050)
     """
+    if isinstance(run_dir, (list, tuple)):
+        if len(run_dir) > 1:
+            return create_compare_app(run_dir)
+        run_dir = run_dir[0]
     dash = _require_dash()
     from dash import Input, Output, State, dcc, html
 
@@ -407,6 +412,63 @@ def create_app(run_dir: str | os.PathLike, layout: dict | str | os.PathLike | No
     return app
 
 
+def create_compare_app(run_dirs: list, refresh_s: float = 2.0):
+    """The Dash app comparing several run directories live: each run's headline, then their
+    loss and grad norm overlaid (`thermo.plots.compare_figure`), one colour per run.
+
+    Example:
+        >>> create_compare_app(["runs/lr3e-4", "runs/lr1e-3"]).run(port=8050)
+    """
+    dash = _require_dash()
+    from dash import Input, Output, State, dcc, html
+
+    from thermo.plots.page import PAGE_JS
+
+    readers = [RunReader(d) for d in run_dirs]
+    names = [str(d) for d in run_dirs]
+    app = dash.Dash(__name__, title=f"thermo: {len(names)} runs", update_title=None,
+                    serve_locally=True)
+    app.index_string = app.index_string.replace(
+        "{%renderer%}", "{%renderer%}<script>" + PAGE_JS + "</script>")
+    app.layout = html.Div(style={"fontFamily": "sans-serif", "margin": "0 16px"}, children=[
+        html.H2(f"thermo · {len(names)} runs compared", style={"marginBottom": "4px"}),
+        *[html.Div([html.H3(name, style={"margin": "10px 0 2px 0"}),
+                    html.Div(id=f"run{n}-headline", children="waiting for the run's store")])
+          for n, name in enumerate(names)],
+        html.Section(id="panel-compare", className="thermo-panel", children=[
+            dcc.Graph(id="graph-compare", config={"displaylogo": False}, responsive=False,
+                      figure=_placeholder("runs compared"))]),
+        dcc.Interval(id="thermo-tick", interval=int(refresh_s * 1000)),
+        dcc.Store(id="thermo-version", data=None),
+    ])
+
+    @app.callback(
+        [Output(f"run{n}-headline", "children") for n in range(len(names))]
+        + [Output("graph-compare", "figure"), Output("thermo-version", "data")],
+        Input("thermo-tick", "n_intervals"),
+        State("thermo-version", "data"),
+    )
+    def refresh(_n, shown):
+        for r in readers:
+            r.poll()
+        versions = [r.version for r in readers]
+        if versions == shown:
+            return [dash.no_update] * (len(names) + 2)
+        runs, heads = {}, []
+        for n, (name, r) in enumerate(zip(names, readers)):
+            if r._conn is None:
+                heads.append(f"waiting: {r.error or 'no store yet'}")
+                continue
+            run = r.run()
+            runs[name] = run
+            heads.append(_headline(plots.run_story(run), prefix=f"run{n}"))
+        fig = _apply_ui(plots.compare_figure(runs), "compare") if runs else dash.no_update
+        return heads + [fig, versions]
+
+    app.thermo_readers = readers
+    return app
+
+
 def _placeholder(title: str):
     import plotly.graph_objects as go
 
@@ -416,7 +478,7 @@ def _placeholder(title: str):
 
 
 def serve(
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike | list,
     host: str = "127.0.0.1",
     port: int = 8050,
     layout: dict | str | os.PathLike | None = None,
@@ -424,7 +486,7 @@ def serve(
     """Serve the live dashboard of `run_dir` until interrupted (see `create_app`).
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory, or a list of them to compare.
         host: interface to listen on; the default keeps it on this machine (open it remotely
             through an SSH tunnel rather than binding 0.0.0.0).
         port: TCP port.

@@ -11,14 +11,22 @@ they are drawn as red markers along the top of the plot.
 ========== ==================== ================================================================
 panel      builder              shows
 ========== ==================== ================================================================
-loss       `loss_figure`        loss and grad norm per step (one row each), rolled-back branches
-                                faint, verdicts shaded onset..detection, rollback arrows
+loss       `loss_figure`        loss and grad norm per step (one row each, log where values span
+                                decades), rolled-back branches faint, each verdict's
+                                onset..detection band shaded and labelled, rollback arrows
 heatmap    `heatmap_figure`     layers × steps, colour = a per-layer stat (act_max, act_min,
-                                attn_max...), rows in model order
-attention  `attention_figure`   attention-logit max per layer as lines, the fp16 overflow limit
-                                where relevant
+                                attn_max...), rows in model order, by block or the hottest N;
+                                the verdict's layer marked; the rolled-back branch below
+attention  `attention_figure`   attention-logit max per layer as lines (rolled-back branch
+                                dotted), the fp16 limit when the values come near it
 events     `events_figure`      table of verdicts, rollbacks, restarts, blacklist edits, skips
+(click)    `layer_figure`       one layer's curves, every stat it records (dashboard click)
+(compare)  `compare_figure`     several runs overlaid (``thermo report A B``)
 ========== ==================== ================================================================
+
+`run_story` reads the events into the headline every page opens with (status; each verdict with
+its cause, onset and layer; what thermo did), `headline_html` renders it. `thermo.plots.page`
+holds the script the pages carry (linked step axes, the user's view kept across refreshes).
 """
 
 from __future__ import annotations

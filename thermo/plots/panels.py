@@ -350,6 +350,8 @@ def heatmap_figure(
         title="log10|v|" if color_scale == "log" else stat)))
     ticktext = [f"▶ {r}" if r in marked else r for r in rows]
     fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=ticktext)
+    if branch:  # the strip's rows are the ones above; their labels would only crowd it
+        fig.update_yaxes(showticklabels=False, row=2, col=1)
     labelled: set[int] = set()
     for r, v in marked.items():
         i = rows.index(r)
