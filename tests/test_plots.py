@@ -405,3 +405,17 @@ def test_story_status_training_finished_idle():
     assert plots.run_story(run, now=1010.0).status == "training"
     empty = _synthetic({("h.1", "act_max"): np.array([])}, scalars={"loss": np.array([])})
     assert plots.run_story(empty).status == "empty"
+
+
+def test_story_takes_the_cause_the_replay_put_on_the_rollback():
+    run = _synthetic({("h.1", "act_max"): np.ones(40)}, scalars={"loss": np.ones(40)})
+    _with_events(run, [
+        ("verdict", 30, "spike", {"kind": "spike", "signal": "loss", "layer": None,
+                                  "onset_step": 28, "detection_step": 30}),
+        ("rollback", 30, "rolled back", {"from_step": 30, "to_step": 20, "n_blacklisted": 2,
+                                         "suspects": 24, "cause": "data", "action": "rollback",
+                                         "replay": {"cause": "data", "summary": "samples 7 and 9 carry it"}}),
+    ])
+    (inc,) = plots.run_story(run, now=1010.0).incidents
+    assert inc.line == ("step 30: spike of loss (onset 28, cause: data — samples 7 and 9 carry it) → "
+                        "rolled back to step 20; blacklisted 2 of 24 suspect samples")

@@ -104,7 +104,10 @@ def _action(kind: str, d: dict, message: str, step: int | None) -> str | None:
         verb = "stopped to resume from checkpoint" if d.get("action") == "stop" else "rolled back to step"
         n = d.get("n_blacklisted", len(d.get("blacklisted") or []))
         out = f"{verb} {to}"
-        if n:
+        suspects = d.get("suspects")
+        if d.get("cause") is not None and suspects is not None and suspects != n:
+            out += f"; blacklisted {n} of {suspects} suspect samples"  # the replay's verdict
+        elif n:
             out += f"; blacklisted {n} samples"
         if d.get("lr_scale") not in (None, 1, 1.0):
             out += f"; lr × {d['lr_scale']:g}"
@@ -220,6 +223,13 @@ def run_story(run: Run, now: float | None = None) -> Story:
         action = _action(kind, d, str(e["message"]), step)
         if action is None:
             continue
+        if current is not None and kind == "rollback" and not current.cause:
+            # The replay (thermo.guard.replay) records its finding on the rollback.
+            replay = d.get("replay") if isinstance(d.get("replay"), dict) else {}
+            cause = _cause({"cause": d.get("cause")})
+            if cause and replay.get("summary"):
+                cause += f" — {replay['summary']}"
+            current.cause = cause
         if current is not None and kind in ("rollback", "blacklist", "give_up"):
             if kind == "blacklist" and any("blacklisted" in a for a in current.actions):
                 continue  # the rollback already said how many samples it skipped
