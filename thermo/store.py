@@ -281,11 +281,14 @@ class Store:
 
     def __del__(self) -> None:
         # A writer dropped without close() (a constructor that raised after opening it) must not
-        # keep the run directory's writer lock for the rest of a long-lived process.
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        # keep the run directory's writer lock for the rest of a long-lived process. The SQLite
+        # connection is left to its own finaliser, as before.
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            try:
+                lock.release()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
 
     def __enter__(self) -> Store:
         return self
