@@ -671,6 +671,8 @@ def test_blacklist_cli_takes_a_hundred_billion_ids_as_one_range(tmp_path):
     r = CliRunner().invoke(cli, ["blacklist", str(run)])
     assert r.output.splitlines() == [f"100000000001 blacklisted samples in {run}",
                                      "  [user] 100000000001: all of shard 0", "      0-100000000000"]
+    r = CliRunner().invoke(cli, ["blacklist", str(run), "list", "--json"])
+    assert [g["ranges"] for g in json.loads(r.output)] == [[[0, 100000000000]]]
     (ev,) = events(run, "blacklist")["data"]
     assert ev["added"] == 100000000001 and ev["added_ranges"] == [[0, 100000000000]]
     assert (run / "blacklist.json").stat().st_size < 1000

@@ -400,9 +400,11 @@ def blacklist(run_dir: Path, action: str, ids: tuple[str, ...], reason: str, as_
             raise ValueError("list takes no ids")
         bl = Blacklist.load(run_dir)
         if as_json:
-            click.echo(json.dumps([{"id": i, **asdict(e)} for i, e in sorted(bl.entries.items())], indent=1)
-                       if len(bl) <= 1_000_000 else
-                       [{"ranges": ids.ranges(), **asdict(e)} for e, ids in bl.groups])
+            # One object per id while that stays printable; past a million, one per group with
+            # its [first, last] ranges (a range may hold a hundred billion ids).
+            rows = ([{"id": i, **asdict(e)} for i, e in sorted(bl.entries.items())] if len(bl) <= 1_000_000
+                    else [{"ranges": [list(r) for r in ids.ranges()], **asdict(e)} for e, ids in bl.groups])
+            click.echo(json.dumps(rows, indent=1))
             return
         click.echo(f"{len(bl)} blacklisted samples in {run_dir}")
         groups: dict[tuple, object] = {}
