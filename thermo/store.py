@@ -123,6 +123,13 @@ class StepRecord:
     layers: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
+def readonly_uri(path: str | os.PathLike) -> str:
+    """The SQLite URI that opens `path` read-only (``sqlite3.connect(uri, uri=True)``). The path
+    is percent-encoded: ``?``, ``#`` and ``%`` in a folder name are URI syntax, and unescaped they
+    open another file (and create empty ones beside it)."""
+    return f"file:{urllib.parse.quote(str(Path(path).absolute()))}?mode=ro"
+
+
 def _db_value(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
 
@@ -175,8 +182,7 @@ class Store:
                     f"no metrics store at {self.path}: is {self.run_dir} a thermo run directory? "
                     "A run writes it once the first steps are flushed."
                 )
-            # The path is percent-encoded: '?', '#' and '%' in a folder name are URI syntax.
-            uri = f"file:{urllib.parse.quote(str(self.path.absolute()))}?mode=ro"
+            uri = readonly_uri(self.path)
             try:
                 conn = self._open(lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1e3))
             except StoreError as first:
