@@ -310,7 +310,7 @@ def test_zoom_and_scale_survive_refreshes_and_the_headline_tells_the_story(train
     run_dir, proc = training
     _wait(lambda: (s := _store_last(run_dir)) is not None and s.step >= 10, 90,
           "the trainer's first flushes", proc)
-    with Store(run_dir) as store:
+    with Store(run_dir, lock=False) as store:  # events only, beside the trainer (as the supervisor)
         store.event("verdict", "act_max of h.1 grew", step=9, kind="growth", signal="act_max",
                     layer="h.1", onset_step=4, detection_step=9, evidence={}, cause="data")
         store.event("rollback", "rolled back", step=9, from_step=9, to_step=3, onset_step=4,
