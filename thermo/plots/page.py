@@ -59,6 +59,12 @@ PAGE_JS = r"""
     return o;
   }
   function restore(gd) {
+    var rev = gd.layout && gd.layout.uirevision;
+    if (gd.__thermoRev !== rev) {  // the app changed what the graph shows (other rows): start over
+      gd.__thermoRev = rev;
+      views.delete(gd);
+      return;
+    }
     var v = views.get(gd), update = {}, n = 0;
     if (!v) return;
     for (var k in v) {
@@ -83,6 +89,7 @@ PAGE_JS = r"""
   }
   function link(gd) {
     if (!gd.on || !gd._ev || linked(gd)) return;
+    if (!('__thermoRev' in gd)) gd.__thermoRev = gd.layout && gd.layout.uirevision;
     gd.on('plotly_buttonclicked', function (ev) {
       var args = ev && ev.button && ev.button.args;
       if (args && args[0]) remember(gd, Object.assign({'updatemenus[0].active': ev.active}, args[0]));
