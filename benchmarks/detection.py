@@ -26,9 +26,16 @@ Tuning and reporting use different seeds: the detector's defaults were chosen on
 LR 3e-3 and 1e-3), which set the growth floor; the README reports seeds 0-4.
 
 With ``--guard`` each scenario is also trained by the reference loop (`thermo.train_gpt`) under the
-`Guard`, set up like the scenario: the table then adds rollbacks on healthy runs, steps lost to
-each rollback and the final-loss gap to a clean run that never saw the skipped samples (poison),
-and whether the high-LR runs finish (the Guard backs the LR off after repeated rollbacks).
+`Guard`, set up like the scenario, in each remedy variant (``--guard-variants``): ``window`` (the
+remedy before cause attribution, ``--no-replay``: blacklist every sample of the suspect steps),
+``replay`` (the default: replay, blacklist only samples found toxic) and ``replay+qkclip`` (also
+QK-Clip, high-LR only). In the guarded poison runs only the first ``--poison-per-batch`` samples of
+each poisoned batch are toxic (the poison follows the samples), so a remedy that blacklists whole
+batches is seen to. A second table gives, per variant: rollbacks on healthy runs; for poison, the
+toxic samples blacklisted (recall), innocent samples blacklisted per toxic one, steps redone,
+seconds spent replaying and the final-loss gap to a clean run that never saw the blacklisted
+samples; for high LR, runs finished and the share of the dataset left blacklisted.
+``--guard-only`` skips the detector comparison.
 """
 
 from __future__ import annotations
@@ -286,7 +293,7 @@ def record_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: bool
 # -- what the Guard makes of it: rollbacks, steps lost, final-loss gap ---------------------------
 
 
-def _guard_args(sc: scenarios.Scenario, run_dir: Path) -> list[str]:
+def _guard_args(sc: scenarios.Scenario, run_dir: Path, extra: tuple[str, ...] = (), per_batch: int = 0) -> list[str]:
     """The reference loop (thermo.train_gpt) set up like scenario `sc`: same model, dtype, batch,
     data and LR (warm-up, then constant), with the Guard in charge."""
     m = sc.model
@@ -296,51 +303,79 @@ def _guard_args(sc: scenarios.Scenario, run_dir: Path) -> list[str]:
             "--block-size", str(m.block_size), "--attn-impl", m.attn_impl, "--batch-size", str(sc.batch_size),
             "--lr", str(sc.lr), "--min-lr", str(sc.lr), "--warmup", str(max(1, sc.warmup)), "--dtype", dtype,
             "--flush-every", str(sc.flush_every), "--attn-every", str(sc.attn_every),
-            "--checkpoint-every", "20", "--good-after", "20", "--data-bytes", "2000000", "--quiet"]
+            "--checkpoint-every", "20", "--good-after", "20", "--data-bytes", "2000000", "--quiet", *extra]
     if sc.poison_steps:
-        args += ["--poison-steps", f"{min(sc.poison_steps)}-{max(sc.poison_steps)}"]
+        args += ["--poison-steps", f"{min(sc.poison_steps)}-{max(sc.poison_steps)}",
+                 "--poison-per-batch", str(per_batch)]
     return args
 
 
-def recover_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: bool) -> list[dict]:
-    """Train each scenario under the Guard; for poison, also the clean run that never saw the
-    samples the Guard skipped. One row per run, for thermo's row of the table."""
+# The remedies compared: name -> (train_gpt options, the scenarios it runs).
+GUARD_VARIANTS = {
+    # The remedy before cause attribution, without the blacklist cap (as it was).
+    "window": (("--no-replay", "--max-blacklist-fraction", "1"), ("poison", "high_lr")),
+    "replay": ((), ("healthy", "poison", "high_lr")),
+    "replay+qkclip": (("--qk-clip", "100"), ("high_lr",)),
+}
+
+
+def recover_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: bool, variants=("window", "replay"),
+                 per_batch: int = 2) -> list[dict]:
+    """Train each scenario under the Guard in each remedy variant; for poison, also the clean run
+    that never saw the samples the Guard blacklisted. One row per run, for the guard table."""
+    from thermo.corpus import TokenDataset, stdlib_bytes
     from thermo.data import Blacklist
     from thermo.guard import DivergenceError
     from thermo.store import Store
-    from thermo.train_gpt import parse_args, train
+    from thermo.train_gpt import parse_args, poison_ids, train
 
     rows = []
-    for kind in kinds:
-        for seed in seeds:
-            sc = BUILD[kind](seed, steps[kind])
-            base = runs_dir / f"guard-{kind}-s{seed}-n{sc.steps}"
-            done = base / "recovery.json"
-            if reuse and done.is_file():
-                rows.append(json.loads(done.read_text()))
-                continue
-            shutil.rmtree(base, ignore_errors=True)
-            row = {"scenario": f"guard_{kind}", "seed": seed, "detector": "thermo (dtype=float16)"}
-            t0 = time.time()
-            try:
-                s = train(parse_args(_guard_args(sc, base / "guarded")))
-                row.update(finished=True, rollbacks=s.rollbacks, steps_lost=s.steps_lost, final=s.final_loss)
-            except DivergenceError:
-                with Store(base / "guarded", readonly=True) as store:
-                    events = store.events()
-                gave_up = events[events.kind == "give_up"]
-                row.update(finished=False, rollbacks=int((events.kind == "rollback").sum()), steps_lost=None,
-                           final=None, gave_up_at=int(gave_up.step.iloc[-1]) if len(gave_up) else None)
-            if kind == "poison" and row["finished"]:
-                skipped = Blacklist.load(base / "guarded").ids
-                (base / "clean").mkdir(parents=True)
-                Blacklist(base / "clean").add(skipped, reason="the samples the guarded run skipped")
-                clean = train(parse_args(_guard_args(replace(sc, poison_steps=()), base / "clean")))
-                row["gap"] = abs(row["final"] - clean.final_loss) / clean.final_loss
-            row["seconds"] = time.time() - t0
-            done.write_text(json.dumps(row))
-            rows.append(row)
-            print(f"  guard {kind:8s} seed {seed}: {row}", flush=True)
+    # Seed by seed, so that an interrupted benchmark (--reuse picks up) has every variant of the
+    # seeds it finished.
+    plan = [(seed, variant, kind) for seed in seeds for variant in variants for kind in kinds
+            if kind in GUARD_VARIANTS[variant][1]]
+    for seed, variant, kind in plan:
+        extra = GUARD_VARIANTS[variant][0]
+        sc = BUILD[kind](seed, steps[kind])
+        base = runs_dir / f"guard-{variant}-{kind}-s{seed}-n{sc.steps}"
+        done = base / "recovery.json"
+        if reuse and done.is_file():
+            rows.append(json.loads(done.read_text()))
+            continue
+        shutil.rmtree(base, ignore_errors=True)
+        row = {"scenario": f"guard_{kind}", "seed": seed, "detector": variant}
+        args = parse_args(_guard_args(sc, base / "guarded", extra, per_batch))
+        t0 = time.time()
+        try:
+            s = train(args)
+            row.update(finished=True, steps_lost=s.steps_lost, final=s.final_loss)
+        except DivergenceError:
+            row.update(finished=False, steps_lost=None, final=None)
+        with Store(base / "guarded", readonly=True) as store:
+            events = store.events()
+        rb = [e for e in events[events.kind == "rollback"]["data"]]
+        row["rollbacks"] = len(rb)
+        row["replay_seconds"] = sum((e.get("replay") or {}).get("seconds", 0.0) for e in rb)
+        blacklisted = set(Blacklist.load(base / "guarded").ids)
+        n = len(TokenDataset(stdlib_bytes(2_000_000), sc.model.block_size))  # the loop's data
+        row["blacklisted"] = len(blacklisted)
+        # What the rollbacks blacklisted, before a give-up took back the unproven ids.
+        by_rollbacks = {i for e in rb for i in e.get("blacklisted", [])}
+        row["blacklisted_share"] = len(by_rollbacks | blacklisted) / n
+        if kind == "poison":
+            toxic = poison_ids(args, n)
+            row["toxic"] = len(toxic)
+            row["recall"] = len(blacklisted & toxic) / len(toxic)
+            row["innocent_per_toxic"] = len(blacklisted - toxic) / len(toxic)
+        if kind == "poison" and row["finished"]:
+            (base / "clean").mkdir(parents=True)
+            Blacklist(base / "clean").add(blacklisted, reason="the samples the guarded run blacklisted")
+            clean = train(parse_args(_guard_args(replace(sc, poison_steps=()), base / "clean")))
+            row["gap"] = abs(row["final"] - clean.final_loss) / clean.final_loss
+        row["seconds"] = time.time() - t0
+        done.write_text(json.dumps(row))
+        rows.append(row)
+        print(f"  guard {variant:13s} {kind:8s} seed {seed}: {row}", flush=True)
     return rows
 
 
@@ -407,9 +442,12 @@ def _median(values) -> str:
     return f"{statistics.median(values):g} [{lo}..{hi}]" if lo != hi else f"{lo}"
 
 
-def _pct(values) -> str:
+def _pct(values, low: bool = False) -> str:
     values = [v for v in values if v is not None]
-    return f"{100 * statistics.median(values):.2f}% [max {100 * max(values):.2f}%]" if values else "-"
+    if not values:
+        return "-"
+    edge = f"min {100 * min(values):.2f}%" if low else f"max {100 * max(values):.2f}%"
+    return f"{100 * statistics.median(values):.2f}% [{edge}]"
 
 
 COLUMNS = [
@@ -422,21 +460,29 @@ COLUMNS = [
     Column("high-LR lead", lambda rs: _median(r["lead"] for r in _of(rs, "high_lr"))),
     Column("high-LR onset lead", lambda rs: _median(r["onset_lead"] for r in _of(rs, "high_lr"))),
     Column("d128 healthy FA", lambda rs: _frac(_of(rs, "healthy_d128"), lambda r: r["false_alarm"])),
-    # The Guard acting on thermo's verdicts (--guard): reference loop, same scenarios.
-    Column("guard healthy rollbacks", lambda rs: _median(r["rollbacks"] for r in _of(rs, "guard_healthy"))),
-    Column("guard poison steps lost", lambda rs: _median(r["steps_lost"] for r in _of(rs, "guard_poison"))),
-    Column("guard poison loss gap", lambda rs: _pct(r.get("gap") for r in _of(rs, "guard_poison"))),
-    Column("guard high-LR finished", lambda rs: _frac(_of(rs, "guard_high_lr"), lambda r: r["finished"])),
-    Column("guard high-LR rollbacks", lambda rs: _median(r["rollbacks"] for r in _of(rs, "guard_high_lr"))),
+]
+
+# The Guard acting on thermo's verdicts (--guard): reference loop, same scenarios, per remedy.
+GUARD_COLUMNS = [
+    Column("healthy rollbacks", lambda rs: _median(r["rollbacks"] for r in _of(rs, "guard_healthy"))),
+    Column("poison toxic recall", lambda rs: _pct([r.get("recall") for r in _of(rs, "guard_poison")], low=True)),
+    Column("innocent per toxic", lambda rs: _median(round(r["innocent_per_toxic"], 2)
+                                                    for r in _of(rs, "guard_poison") if "innocent_per_toxic" in r)),
+    Column("poison steps redone", lambda rs: _median(r["steps_lost"] for r in _of(rs, "guard_poison"))),
+    Column("poison replay s", lambda rs: _median(round(r["replay_seconds"], 1) for r in _of(rs, "guard_poison"))),
+    Column("poison loss gap", lambda rs: _pct(r.get("gap") for r in _of(rs, "guard_poison"))),
+    Column("high-LR finished", lambda rs: _frac(_of(rs, "guard_high_lr"), lambda r: r["finished"])),
+    Column("high-LR rollbacks", lambda rs: _median(r["rollbacks"] for r in _of(rs, "guard_high_lr"))),
+    Column("high-LR data blacklisted", lambda rs: _pct([r.get("blacklisted_share") for r in _of(rs, "guard_high_lr")])),
 ]
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], columns: list[Column] = COLUMNS, first: str = "detector") -> str:
     detectors = list(dict.fromkeys(r["detector"] for r in rows))
-    cells = [["detector"] + [c.header for c in COLUMNS]]
+    cells = [[first] + [c.header for c in columns]]
     for d in detectors:
         mine = [r for r in rows if r["detector"] == d]
-        cells.append([d] + [c.compute(mine) for c in COLUMNS])
+        cells.append([d] + [c.compute(mine) for c in columns])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -468,20 +514,27 @@ def main(argv=None) -> None:
     p.add_argument("--reuse", action="store_true", help="reuse runs already in --runs-dir")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fp16 CPU runs are slow)")
     p.add_argument("--guard", action="store_true",
-                   help="also train each scenario under the Guard (and poison's clean twin): rollbacks, "
-                        "steps lost, final-loss gap")
+                   help="also train each scenario under the Guard (and poison's clean twin), per remedy variant")
+    p.add_argument("--guard-only", action="store_true", help="only the Guard runs (implies --guard)")
+    p.add_argument("--guard-variants", nargs="+", default=list(GUARD_VARIANTS), choices=list(GUARD_VARIANTS))
+    p.add_argument("--poison-per-batch", type=int, default=2,
+                   help="toxic samples per poisoned batch in the guarded poison runs")
     args = p.parse_args(argv)
+    args.guard = args.guard or args.guard_only
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now().astimezone()
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="thermo-detection-"))
     runs_dir.mkdir(parents=True, exist_ok=True)
     try:
         steps = {kind: args.d128_steps if kind == "healthy_d128" else args.steps for kind in BUILD}
-        truths = record_runs(args.scenarios, args.seeds, steps, runs_dir, args.reuse)
-        rows = evaluate(truths)
+        rows, guard_rows = [], []
+        if not args.guard_only:
+            truths = record_runs(args.scenarios, args.seeds, steps, runs_dir, args.reuse)
+            rows = evaluate(truths)
         if args.guard:
             kinds = [k for k in args.scenarios if k in ("healthy", "poison", "high_lr")]
-            rows += recover_runs(kinds, args.seeds, steps, runs_dir, args.reuse)
+            guard_rows = recover_runs(kinds, args.seeds, steps, runs_dir, args.reuse, args.guard_variants,
+                                      args.poison_per_batch)
     finally:
         if args.runs_dir is None:
             shutil.rmtree(runs_dir, ignore_errors=True)
@@ -491,7 +544,13 @@ def main(argv=None) -> None:
     if "healthy_d128" in args.scenarios:
         print(f"healthy_d128: GPT {asdict(scenarios.healthy_d128(0).model)}, fp32, {args.d128_steps} steps")
     print("lead = diverged step - detection step (median [min..max]); latency = detection - first poisoned step\n")
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if guard_rows:
+        print(f"\nthe Guard's remedies (reference loop; poison: {args.poison_per_batch} toxic samples in each of the "
+              "3 poisoned batches; median [min..max] over seeds)\n")
+        print(table(guard_rows, GUARD_COLUMNS, first="remedy"))
+    rows = rows + guard_rows
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"date": started.isoformat(), "machine": machine(),

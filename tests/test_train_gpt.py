@@ -13,9 +13,9 @@ import time
 import pytest
 
 import thermo
-from thermo.corpus import TokenDataset, stdlib_bytes
-from thermo.data import ResumableSampler
 from tests.distributed import ROOT, torchrun
+from thermo.corpus import TokenDataset, stdlib_bytes
+from thermo.data import Blacklist, ResumableSampler
 from thermo.train_gpt import parse_args, train
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "4", "--block-size", "32", "--batch-size", "8",
@@ -70,6 +70,16 @@ def test_causes_are_told_apart_on_two_fsdp_ranks(tmp_path):
     (rb,) = [e for e in thermo.load(tmp_path / "flip").events["data"] if "cause" in e]
     assert rb["cause"] == "transient" and rb["n_blacklisted"] == 0 and len(rb["replay"]["hosts"]) == 2
     assert thermo.load(tmp_path / "flip").scalars["step"].max() == 100
+    # A divergent LR: finished or given up (exit 86), nothing blacklisted either way.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+           "thermo.train_gpt", *TINY, "--shard", "fsdp", "--run-dir", str(tmp_path / "lr"), "--steps", "130",
+           "--diverge-lr", "0.3", "--diverge-from", "60", "--max-rollbacks", "1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]  # torchrun reports a worker's exit 86 as 1
+    causes = [e["cause"] for e in thermo.load(tmp_path / "lr").events["data"] if "cause" in e]
+    assert causes and set(causes) == {"numerics"}, causes
+    assert len(Blacklist.load(tmp_path / "lr")) == 0
 
 
 @pytest.mark.slow

@@ -379,7 +379,8 @@ def train(args) -> Summary:
     guard = Guard(
         model, opt, run_dir, data=sampler, fetch=fetch, scheduler=sched,
         config=GuardConfig(checkpoint_every=args.checkpoint_every, max_rollbacks=args.max_rollbacks,
-                           skip_z=args.skip_z or None, qk_clip_tau=args.qk_clip, replay=not args.no_replay),
+                           skip_z=args.skip_z or None, qk_clip_tau=args.qk_clip, replay=not args.no_replay,
+                           max_blacklist_fraction=args.max_blacklist_fraction),
         thermometer=ThermometerConfig(flush_every=args.flush_every, attn_every=args.attn_every,
                                       attn_per_head=args.qk_clip is not None),
         detector=faults.detector(

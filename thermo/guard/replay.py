@@ -106,9 +106,11 @@ class Replay:
         self.batches = batches
         self.first = plan.target.step + 1
         self.last = last_step
-        # Skips outside this range are rung 1's business (an isolated skip long before the onset
-        # was harmless); verdicts are attributed wherever the replay meets them.
+        # Skips outside [onset - skip_before, detection] are rung 1's business (an isolated skip
+        # long before the onset was harmless; one after the detection is not what the verdict
+        # saw); verdicts are attributed wherever the replay meets them.
         self.suspect_from = plan.first
+        self.suspect_to = plan.verdict.detection_step
         self.evals = 0
         self.steps = 0
         self.toxic: set[int] = set()
@@ -231,7 +233,7 @@ class Replay:
     def _anomalous(self, step: int, outcome: dict) -> bool:
         if outcome["verdict"] is not None:
             return True
-        return outcome["skipped"] and step >= self.suspect_from
+        return outcome["skipped"] and self.suspect_from <= step <= self.suspect_to
 
     # -- attribution -------------------------------------------------------------------------------
 

@@ -192,11 +192,13 @@ class Watch:
         v, t = plan.verdict, plan.target.step
         what = (f"rolled back from step {now} to checkpoint {t}" if action == "rollback"
                 else f"stopped at step {now} to resume from checkpoint {t}")
-        ids = plan.ids if cause is None else cause["toxic"]
+        ids = plan.ids if cause is None else cause["toxic"] if cause["cause"] == "data" else []
         if cause is None:
             why = f"skipping {len(ids)} samples of steps {plan.first}..{plan.last}"
         else:
-            why = f"cause: {cause['cause']} ({cause['summary']})"
+            why = (f"cause: {cause['cause']} ({cause['summary']}); blacklisted {len(ids)} of {len(plan.ids)} "
+                   f"suspects; the replay took {cause['steps_replayed']} steps, {cause['evals']} passes, "
+                   f"{cause['seconds']:.1f} s")
         self.store.event(
             "rollback", f"{what}; {why}",
             step=now, from_step=now, to_step=t, onset_step=v.onset_step, detection_step=v.detection_step,
@@ -235,6 +237,7 @@ class Watch:
         if self.rank0:
             self.store.event("restart", f"resumed from checkpoint {step}", step=step, reason="resume",
                              checkpoint=step)
+            log.info("thermo: resumed from checkpoint %d", step)
 
     def newest_usable(self) -> CheckpointEntry | None:
         return newest_usable(self.checkpoints)
