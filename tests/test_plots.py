@@ -419,3 +419,21 @@ def test_story_takes_the_cause_the_replay_put_on_the_rollback():
     (inc,) = plots.run_story(run, now=1010.0).incidents
     assert inc.line == ("step 30: spike of loss (onset 28, cause: data — samples 7 and 9 carry it) → "
                         "rolled back to step 20; blacklisted 2 of 24 suspect samples")
+
+
+def test_layer_figure_for_a_layer_and_for_a_parent_of_modules(incident):
+    run_dir, run = incident
+    fig = plots.layer_figure(run, "h.1.attn")
+    assert fig.layout.title.text == "layer h.1.attn"
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["attn_max", "attn_max (rolled back)"]
+    with Store(run_dir, readonly=True) as store:
+        eff = store.layer_stats(stats=["attn_max"])
+    mine = eff[eff.layer == "h.1.attn"]
+    assert list(fig.data[0].x) == mine["step"].tolist()
+    # a name that records nothing itself (a parent module) shows its modules' extreme
+    deep = _deep_run(18)
+    agg = plots.layer_figure(deep, "h.17.mlp")
+    assert agg.layout.title.text == "layer h.17.mlp (extreme over its modules)"
+    # the max of h.17.mlp.c_fc (with its spike at step 15) and h.17.mlp.c_proj
+    assert list(agg.data[0].y) == [18.0] * 15 + [5e3] + [18.0] * 4

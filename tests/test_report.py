@@ -150,3 +150,37 @@ def test_cli_report_compares_runs(tmp_path, report):
     rolled = [t for t in fig.data if t.name == f"{incident} (rolled back)"]
     assert rolled and rolled[0].line.color == fig.data[0].line.color and rolled[0].line.dash == "dot"
     assert any(t.name == f"{other}: verdicts" and list(t.x) == [25] for t in fig.data)
+
+
+_LINK_JS = r"""
+(function () {
+  var U = window.thermoUser, done = false;
+  setInterval(function () {
+    var loss = U.graph('panel-0-loss'), heat = U.graph('panel-1-heatmap'), attn = U.graph('panel-4-attention');
+    if (done || !loss || !heat || !attn || !loss.__thermoRelayout || !heat.__thermoRelayout) return;
+    done = true;
+    U.zoom(loss, 0.2, 0.5);
+    setTimeout(function () {
+      U.report({loss: loss.layout.xaxis.range, heat: heat.layout.xaxis.range,
+                heat2: heat.layout.xaxis2 && heat.layout.xaxis2.range, attn: attn.layout.xaxis.range});
+    }, 500);
+  }, 100);
+})();
+"""
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_viz.chromium() is None,
+                    reason="chromium not installed (apt-get update && apt-get install -y chromium)")
+def test_zooming_one_report_panel_zooms_every_step_axis(report, tmp_path):
+    _, path = report
+    page = path.read_text().replace("</body>", f"<script>{_viz.USER_JS}{_LINK_JS}</script></body>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page)
+    dom = _viz.load(probe.as_uri(), size=(1100, 2600), offline=True, budget_ms=8000)
+    got = _viz.page_result(dom)
+    assert got is not None, "the page never zoomed"
+    lo, hi = got["loss"]
+    assert 5 < lo < hi < 30, got  # a real zoom of the 0..45 step axis
+    for other in ("heat", "heat2", "attn"):
+        assert got[other] == pytest.approx(got["loss"]), (other, got)
