@@ -260,3 +260,23 @@ def test_the_guard_clips_only_on_exact_steps_and_never_on_a_healthy_run_at_the_d
     assert fired == list(range(5, 31, 5))
     assert all(s.loc[f, "qk_clip_heads"] == 8 for f in fired)  # 2 layers x 4 heads
     assert not math.isnan(s["loss"].iloc[-1])
+
+
+def test_ranks_clip_alike_replicated_and_under_fsdp2(tmp_path):
+    """Each rank sees its own batch; the per-head maxima are reduced, so both ranks scale by the
+    same factor: the max over ranks of the hot head's logit becomes tau."""
+    import json
+
+    from tests.distributed import ROOT, torchrun
+
+    out = tmp_path / "out.json"
+    torchrun(ROOT / "tests/dist/qkclip_ranks.py", "--out", out)
+    got = json.loads(out.read_text())
+    for setup, ranks in got.items():
+        for r in ranks:
+            assert r["hot"] == 1, setup
+            assert r["after"] == pytest.approx(r["tau"], rel=2e-6), setup
+            assert r["others_unchanged"], setup
+        assert ranks[0]["tau"] == ranks[1]["tau"]
+        if setup == "plain":
+            assert all(r["identical"] for r in ranks)
