@@ -102,3 +102,22 @@ def test_help_reads_well():
     assert res.exit_code == 0 and "inspect" in res.output
     res = CliRunner().invoke(main, ["inspect", "--help"])
     assert "Summarise a run" in res.output and "--stat" in res.output
+
+
+def test_inspect_a_real_run_with_a_rollback(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _viz
+
+    run_dir = _viz.shared_incident_run(tmp_path_factory)
+    res = CliRunner().invoke(main, ["inspect", str(run_dir), "--json", "--stat", "attn_max", "--top", "1"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["verdicts"][0]["line"] == ("step 30: spike of loss in h.1.attn (onset 25) → rolled back to "
+                                          "step 20; blacklisted 20 samples")
+    assert (out["first_step"], out["last_step"], out["attempts"]) == (0, 45, 2)
+    assert len(out["hottest"]) == 1 and out["hottest"][0]["layer"] in ("h.0.attn", "h.1.attn")
+    res = CliRunner().invoke(main, ["inspect", str(run_dir), "--stat", "bogus"])
+    assert res.exit_code == 2 and "recorded: act_max, act_min, attn_bound, attn_max" in res.output

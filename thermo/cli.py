@@ -99,21 +99,27 @@ def inspect(run_dir: Path, top: int, stat: str, as_json: bool):
     """
     import json
 
+    import pandas as pd
+
     from thermo import plots
-    from thermo.dashboard import read_run
+    from thermo.store import Run, Store
 
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
-    run = read_run(run_dir)
+    # Only what the summary needs: every attempt's scalars (the story tells the branches apart),
+    # the events, and the one statistic ranked, not every per-layer row of a long run.
+    with Store(run_dir, readonly=True) as store, store.snapshot():
+        run = Run(run_dir=run_dir, scalars=store.scalars(effective=False), layers=pd.DataFrame(),
+                  events=store.events(), attempts=store.attempts(), meta=store.meta())
+        layers = store.layer_stats(stats=[stat])
+        recorded = sorted({s for entry in run.meta.get("layers", []) for s in entry.get("stats", ())})
+        if layers.empty and not recorded:  # a store without the layer list in its meta
+            recorded = sorted(set(store.layer_stats()["stat"]))
     story = plots.run_story(run)
     eff = run.scalars[plots.effective_mask(run.scalars, run.attempts)] if len(run.scalars) else run.scalars
-    recorded = sorted(set(run.layers["stat"])) if len(run.layers) else []
     if recorded and stat not in recorded:
         raise ValueError(f"no per-layer statistic {stat!r} recorded in {run_dir}; "
                          f"recorded: {', '.join(recorded)} (choose one with --stat)")
-    layers = run.layers[(run.layers["stat"] == stat)]
-    if len(layers):
-        layers = layers[plots.effective_mask(layers, run.attempts)]
     out: dict = {"run": str(run_dir), "status": story.status, "status_line": story.status_line,
                  "exit_code": story.exit_code,
                  "verdicts": [{"step": i.step, "onset": i.onset, "kind": i.kind, "signal": i.signal,
