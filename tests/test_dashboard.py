@@ -426,3 +426,13 @@ def test_compare_app_overlays_runs_and_heads_each(tmp_path):
     head_b = json.dumps(resp["run1-headline"]["children"])
     assert "gave up at step 8: no good checkpoint from before the onset" in head_b
     assert "run1-run-status" in head_b and "training" in json.dumps(resp["run0-headline"]["children"])
+
+
+def test_reader_opens_a_run_directory_named_with_uri_characters(tmp_path):
+    run_dir = tmp_path / "exp #1?lr=3e-4 100%"
+    with Store(run_dir) as store:
+        store.write([_rec(s) for s in range(4)])
+    reader = RunReader(run_dir)
+    assert reader.poll() and reader.run().scalars["step"].tolist() == [0, 1, 2, 3]
+    reader.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name]  # no stray files beside it

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from thermo import plots
 from thermo._io import atomic_write_bytes
-from thermo.dashboard import read_run
+from thermo.plots.reader import read_run
 
 _CSS = """
 body { font-family: sans-serif; margin: 16px 24px; color: #222; }

@@ -354,7 +354,7 @@ class WandbSink:
 
     def _log_panels(self) -> None:
         from thermo import plots
-        from thermo.dashboard import read_run
+        from thermo.plots.reader import read_run
 
         run = read_run(self.run_dir)
         panels = {"loss": {"type": "loss"}, "attention": {"type": "attention"}}
