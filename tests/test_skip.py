@@ -116,6 +116,25 @@ def test_a_skipped_first_step_leaves_the_optimizer_as_if_it_had_not_run(name, im
     assert_same(model, opt, twin, ref, "after a skipped first step and two more")
 
 
+def test_a_skipped_first_step_after_the_state_was_emptied_is_exact_too():
+    """A rollback to the initial checkpoint empties the optimizer state (Guard._restore): the
+    next first step is watched like the very first one (fused SGD's empty_like buffers)."""
+    model, twin = model_and_twin()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, fused=True)
+    ref = torch.optim.SGD(twin.parameters(), lr=1e-2, momentum=0.9, fused=True)
+    skip = _DeviceSkip(GuardConfig(skip_z=None), opt, list(model.parameters()), torch.device("cpu"))
+    guarded_step(skip, model, opt, seed=1)
+    opt.state.clear()  # what restoring checkpoint 0 does
+    with torch.no_grad():
+        for a, b in zip(twin.parameters(), model.parameters()):
+            a.copy_(b)
+    guarded_step(skip, model, opt, seed=2, loss_override=torch.tensor(float("nan")))
+    for seed in (3, 4):
+        guarded_step(skip, model, opt, seed=seed)
+        plain_step(twin, ref, seed=seed)
+    assert_same(model, opt, twin, ref, "after a skipped first step on emptied state")
+
+
 def test_zero_grad_mode_is_not_exact_for_adam_which_is_why_snapshot_exists():
     model, _ = model_and_twin()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)

@@ -88,7 +88,6 @@ class _DeviceSkip:
         self.fused = [self.inner] if self.mode == "fused" else []
         self._opt_params = [p for g in self.inner.param_groups for p in g["params"]]
         self._fresh: list = []  # fused mode: params whose state this step creates (see restore)
-        self._stateful = False  # every optimizer param has state: no more first steps to watch
         self._warned_scaler = False
         self._restored = True  # host-side: the last decision's restore is done (or not needed)
         # On the optimizer the loop steps (ZeroRedundancyOptimizer: after its broadcast).
@@ -121,9 +120,10 @@ class _DeviceSkip:
         elif self.mode == "fused":
             # Set every step: torch's GradScaler.step() replaces found_inf and then deletes it.
             self.inner.found_inf = self.flag
-            if not self._stateful:  # host-side dict lookups, no sync
+            # Params without state yet (the first step, or after a rollback to step 0 emptied
+            # it): host-side dict lookups, and only while some state is missing.
+            if len(self.inner.state) < len(self._opt_params):
                 self._fresh = [p for p in self._opt_params if not self.inner.state.get(p)]
-                self._stateful = not self._fresh
         elif self.mode == "zero_grad":
             for p in self.params:  # drop this step's gradient on the device (not exact: see above)
                 if p.grad is not None:
