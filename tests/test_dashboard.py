@@ -436,3 +436,30 @@ def test_reader_opens_a_run_directory_named_with_uri_characters(tmp_path):
     assert reader.poll() and reader.run().scalars["step"].tolist() == [0, 1, 2, 3]
     reader.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name]  # no stray files beside it
+
+
+def test_heatmap_row_controls_regroup_and_filter(tmp_path):
+    with Store(tmp_path) as store:
+        store.write([StepRecord(step=s, scalars={"loss": 1.0}, layers={
+            (f"h.{b}{m}", "act_max"): 1.0 + b for b in range(3) for m in ("", ".attn.c_attn", ".mlp.c_fc")})
+            for s in range(6)])
+    app = create_app(tmp_path, {"panels": [{"type": "heatmap", "stat": "act_max"}]})
+    client = app.server.test_client()
+    dep = next(d for d in client.get("/_dash-dependencies").get_json() if "graph-0.figure" in d["output"])
+
+    def rows(**values):
+        body = _body(dep, {"thermo-tick.n_intervals": 1, "thermo-version.data": -1, **values})
+        resp = client.post("/_dash-update-component", json=body).get_json()["response"]
+        return resp, list(resp["graph-0"]["figure"]["data"][0]["y"])
+
+    resp, every = rows()
+    assert len(every) == 9
+    assert [o["value"] for o in resp["types-0"]["options"]] == ["attn.c_attn", "block", "mlp.c_fc"]
+    assert rows(**{"rows-0.value": "block"})[1] == ["h.0", "h.1", "h.2"]
+    assert rows(**{"rows-0.value": "top"})[1] == every  # fewer than 20 layers: all are the hottest
+    assert rows(**{"types-0.value": ["mlp.c_fc"]})[1] == ["h.0.mlp.c_fc", "h.1.mlp.c_fc", "h.2.mlp.c_fc"]
+    # a control changed with nothing new in the store still redraws (the page shows the version)
+    body = _body(dep, {"rows-0.value": "block", "thermo-tick.n_intervals": 2,
+                       "thermo-version.data": resp["thermo-version"]["data"]})
+    redrawn = client.post("/_dash-update-component", json=body).get_json()["response"]
+    assert list(redrawn["graph-0"]["figure"]["data"][0]["y"]) == ["h.0", "h.1", "h.2"]

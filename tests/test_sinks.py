@@ -324,7 +324,7 @@ def test_users_step_rows_are_all_kept_next_to_thermos_in_a_run_thermo_did_not_st
             therm.step(loss)
             opt.step()
             opt.zero_grad()
-            run.log({"train/loss": float(loss), "train/lr": 1e-3}, step=step)
+            run.log({"train/loss": loss.item(), "train/lr": 1e-3}, step=step)
             if step % 5 == 4:
                 time.sleep(0.05)  # let the sink's thread hand over its flush
         therm.close()
