@@ -84,6 +84,7 @@ class _DeviceSkip:
         self.flag = torch.zeros((), device=device)
         self._bad = torch.zeros((), dtype=torch.bool, device=device)
         self._snap: dict[tuple, torch.Tensor] = {}  # (param index, state key | None) -> copy
+        self._taken: set[tuple] = set()  # the keys copied at this decision
         self.mode = _resolve_mode(getattr(cfg, "skip_mode", "auto"), self.inner, params, device)
         self.fused = [self.inner] if self.mode == "fused" else []
         self._opt_params = [p for g in self.inner.param_groups for p in g["params"]]
@@ -152,6 +153,7 @@ class _DeviceSkip:
             if old is None or old.shape != t.shape or old.dtype != t.dtype:
                 self._snap[key] = torch.empty_like(t)  # the first step with this state: allocate once
         torch._foreach_copy_([self._snap[k] for k, _ in live], [t for _, t in live])
+        self._taken = {k for k, _ in live}  # copies of state emptied since (a rollback) are stale
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -185,7 +187,7 @@ class _DeviceSkip:
         if self.mode != "snapshot":
             return
         for key, t in self._live():
-            old = self._snap.get(key)
+            old = self._snap.get(key) if key in self._taken else None
             if old is not None and old.shape == t.shape and old.dtype == t.dtype:
                 t.copy_(torch.where(bad, old, t))
             else:  # created by this very step (lazy state): back to the zeros it starts from
