@@ -214,7 +214,7 @@ def test_slow_wandb_drops_with_a_count_instead_of_blocking():
 
 def test_events_become_alerts_and_markers():
     run = SlowRun(0)
-    sink = WandbSink(run)
+    sink = WandbSink(run, own_steps=True)
     sink.write(_records(0, 5))
     sink.event("rollback", "restored 10", step=20, from_step=20, to_step=10, n_blacklisted=3)
     sink.event("blacklist", "manual", added=[1, 2])  # no alert for this kind, still a marker
@@ -441,3 +441,17 @@ def test_the_workspace_charts_the_keys_the_sink_logs(capsys):
     assert wsmod.main(["team/gpt", "--dry-run"]) == 0
     assert "thermo: blocks: activation max per block" in capsys.readouterr().out
     assert wsmod.main(["team-gpt", "--dry-run"]) == 2
+
+
+def test_in_a_shared_run_event_markers_never_move_the_values_step():
+    run = SlowRun(0)
+    sink = WandbSink(run)  # a run of the user's: thermo joins their rows
+    sink.write(_records(0, 5))
+    sink.event("verdict", "spike", step=2)
+    sink.close(timeout=30)
+    assert set(run.commits) == {False}  # never a row of its own
+    values = [r for r in run.rows if "thermo/loss" in r]
+    assert len(values) == 1 and values[0]["thermo/step"] == 4 and values[0]["thermo/train_step"] == 4
+    marks = [r for r in run.rows if "thermo/event/verdict" in r]
+    assert marks == [{"thermo/event/verdict": 1}]
+    assert sink.logged == 5

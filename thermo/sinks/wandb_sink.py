@@ -280,10 +280,15 @@ class WandbSink:
                 self._dropped_worker += len(payload) - (i if self._own_steps else 0)
                 return
 
-    def _log(self, row: dict[str, Any]) -> None:
+    def _log(self, row: dict[str, Any], marker: bool = False) -> None:
+        """One row: our own (own_steps), or joining the user's next row. A marker (an event, the
+        tables and panels at close) in the user's row keeps the step the flush put there: one
+        row has one thermo/step, and it belongs to the values."""
         if self._own_steps:
             self._run.log(row)
         else:
+            if marker:
+                row = {k: v for k, v in row.items() if k != "thermo/step"}
             self._run.log(row, commit=False)
 
     def _row(self, rec: StepRecord) -> dict[str, Any]:
@@ -325,7 +330,7 @@ class WandbSink:
         step = e["step"] if e["step"] is not None else self._last_step
         try:
             if step is not None:
-                self._log({"thermo/step": self._axis.at(step), f"thermo/event/{e['kind']}": 1})
+                self._log({"thermo/step": self._axis.at(step), f"thermo/event/{e['kind']}": 1}, marker=True)
             level = _ALERT_KINDS.get(e["kind"])
             if level is not None:
                 where = f" at step {step}" if step is not None else ""
@@ -342,7 +347,8 @@ class WandbSink:
                 self._poll_events()
             if self._events:
                 table = wandb.Table(columns=["step", "kind", "message", "details"], data=self._events)
-                self._log({"thermo/step": self._axis.at(self._last_step or 0), "thermo/events": table})
+                self._log({"thermo/step": self._axis.at(self._last_step or 0), "thermo/events": table},
+                          marker=True)
             if self.figures and self.run_dir is not None and (self.run_dir / DB_NAME).is_file():
                 self._log_panels()
             self._run.summary["thermo/dropped_steps"] = self.dropped
@@ -364,4 +370,4 @@ class WandbSink:
         row: dict[str, Any] = {"thermo/step": self._axis.at(self._last_step or 0)}
         for name, spec in panels.items():
             row[f"thermo/panel/{name}"] = self._wandb.Plotly(plots.build_panel(run, spec))
-        self._log(row)
+        self._log(row, marker=True)
