@@ -91,8 +91,10 @@ class _DeviceSkip:
         self._fresh: list = []  # fused mode: params whose state this step creates (see restore)
         self._warned_scaler = False
         self._restored = True  # host-side: the last decision's restore is done (or not needed)
-        # On the optimizer the loop steps (ZeroRedundancyOptimizer: after its broadcast).
-        self._hook = optimizer.register_step_post_hook(lambda *_: self.restore())
+        # On the optimizer the loop steps (ZeroRedundancyOptimizer: after its broadcast). One
+        # that is no torch Optimizer has no hooks: the Guard's after_step restores then.
+        register = getattr(optimizer, "register_step_post_hook", None)
+        self._hook = register(lambda *_: self.restore()) if register is not None else None
         for opt in self.fused:
             opt.found_inf = self.flag  # read by the fused kernels at optimizer.step()
 
@@ -199,7 +201,8 @@ class _DeviceSkip:
         return sum(t.numel() * t.element_size() for t in self._snap.values())
 
     def remove(self) -> None:
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
         for opt in self.fused:
             if getattr(opt, "found_inf", None) is self.flag:
                 del opt.found_inf
