@@ -163,6 +163,7 @@ class QKClip:
         self._smax: torch.Tensor | None = None  # every layer's per-head maxima, one flat tensor
         self._hot: torch.Tensor | None = None
         self._pending = False
+        self._none = torch.zeros((), device=thermometer.buffer.device)  # "no head clipped", never written
         views = thermometer.attention_head_max()
         if views:
             self._bind(views)
@@ -184,6 +185,10 @@ class QKClip:
         The thermometer finds its attention layers in the first forward and lays out their
         slots at its first `step`, so the layers are mapped at the first capture after that
         (an unmappable layout raises then); until then nothing is captured."""
+        # The thermometer alone decides which steps have exact logits (the same on every rank);
+        # on the others there is nothing to read, reduce or scale.
+        if not self.therm._is_exact():
+            return self._none
         # Fetched every step: the thermometer replaces its buffer once, when it lays out attention.
         views = self.therm.attention_head_max()
         if not views:
@@ -194,7 +199,7 @@ class QKClip:
                     "(and attn_heads if the head count cannot be read), or leave "
                     "GuardConfig.qk_clip_tau=None"
                 )
-            return torch.zeros((), device=self.therm.buffer.device)  # before discovery: no logits yet
+            return self._none  # before the thermometer's first step: no layer known yet
         if self.targets is None:
             self._bind(views)
         torch.cat(list(views.values()), out=self._smax)
