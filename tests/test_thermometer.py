@@ -264,6 +264,18 @@ def test_remove_restores_the_model_exactly(tmp_path):
         therm.step(torch.tensor(1.0))
 
 
+def test_the_finder_is_gone_after_the_first_step():
+    """Discovery hooks every module for the first forward only: from the first step on, only the
+    attention modules found carry a pre-hook (no global cost on later steps)."""
+    model = tiny_gpt()
+    therm = thermo.Thermometer(model, flush_every=2)
+    assert all(m._forward_pre_hooks for m in model.modules())  # the finder, on every module
+    train(model, therm, batches(1))
+    with_pre = [n for n, m in model.named_modules() if m._forward_pre_hooks]
+    assert with_pre == ["h.0.attn", "h.1.attn"]
+    therm.close()
+
+
 def test_probe_is_popped_when_the_forward_raises():
     model = tiny_gpt()
     therm = thermo.Thermometer(model)
