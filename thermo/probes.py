@@ -36,19 +36,7 @@ _SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.nn.funct
 # same module is an attention softmax (a router's softmax over F.linear logits is not).
 _MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
                  torch.baddbmm, torch.Tensor.baddbmm, torch.einsum}
-
-
 _ATTENTION_FUNCS = {F.scaled_dot_product_attention, F.multi_head_attention_forward} | _SOFTMAX_FUNCS | _MATMUL_FUNCS
-
-
-def _flex_attention_hop():
-    try:
-        return torch.ops.higher_order.flex_attention
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_FLEX_HOP = _flex_attention_hop()
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
