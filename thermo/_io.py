@@ -107,7 +107,7 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
 
 WRITER_LOCK = ".writer.lock"
 WRITER_TOKEN_ENV = "THERMO_WRITER_TOKEN"
-_held: dict[str, tuple[int, int]] = {}  # run directory -> (lock fd, Stores of this process using it)
+_held: dict[str, tuple[int, int, str]] = {}  # run directory -> (lock fd, users in this process, token)
 
 
 class WriterLock:
@@ -138,9 +138,9 @@ class WriterLock:
             RunDirError: another process writes to the run directory; the message says which.
         """
         if self.key in _held:
-            fd, n = _held[self.key]
-            _held[self.key] = (fd, n + 1)
-            self.fd = fd
+            fd, n, token = _held[self.key]
+            _held[self.key] = (fd, n + 1, token)
+            self.fd, self.token = fd, token
             return self
         path = self.run_dir / WRITER_LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -160,16 +160,16 @@ class WriterLock:
                 "token": self.token}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        _held[self.key] = (fd, 1)
+        _held[self.key] = (fd, 1, self.token)
         self.fd = fd
         return self
 
     def release(self) -> None:
         if self.fd is None:
             return
-        fd, n = _held.get(self.key, (self.fd, 1))
+        fd, n, token = _held.get(self.key, (self.fd, 1, ""))
         if n > 1:
-            _held[self.key] = (fd, n - 1)
+            _held[self.key] = (fd, n - 1, token)
         else:
             _held.pop(self.key, None)
             os.close(fd)  # the lock goes with the last descriptor (a child may still hold one)
