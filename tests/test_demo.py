@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from click.testing import CliRunner
 
 import thermo
@@ -17,6 +15,7 @@ def test_demo_recovers_and_writes_a_report(tmp_path):
     out = res.output
     assert "verdict    grad_norm spike at step" in out
     assert "rollbacks  1;" in out and "samples, listed in" in out
+    assert "cause      data: the replay blacklisted 6 of the" in out  # the six poisoned samples only
     report = (run_dir / "report.html").read_text()
     assert "plotly" in report.lower() and len(report) > 100_000  # plotly.js is inlined
     run = thermo.load(run_dir)
@@ -25,8 +24,7 @@ def test_demo_recovers_and_writes_a_report(tmp_path):
     rb = run.events.iloc[1]["data"]
     # The poisoned steps (73-75 for 120 steps) are inside the blacklisted window.
     assert rb["onset_step"] <= 75 and rb["to_step"] < rb["onset_step"]
-    blacklisted = json.loads((run_dir / "blacklist.json").read_text())["entries"]
-    assert len(blacklisted) == rb["n_blacklisted"] > 0
+    assert len(thermo.Blacklist.load(run_dir)) == rb["n_blacklisted"] == 6
     assert run.scalars["step"].max() == 120
     # A second demo never overwrites the first.
     res2 = CliRunner().invoke(main, ["demo", "--quick", "--steps", "30", "--run-dir", str(run_dir)])

@@ -36,6 +36,7 @@ _EXPORTS = {
     "Supervisor": "thermo.supervisor",
     "SupervisorConfig": "thermo.supervisor",
     "WandbSink": "thermo.sinks",
+    "TensorBoardSink": "thermo.sinks",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -59,7 +60,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from thermo.data import BatchLedger, Blacklist, ResumableSampler, StatefulLoader
     from thermo.detector import Detector, DetectorConfig, Verdict, detect_run
     from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig, Watch
-    from thermo.sinks import WandbSink
+    from thermo.sinks import TensorBoardSink, WandbSink
     from thermo.supervisor import Supervisor, SupervisorConfig
     from thermo.store import Run, StepRecord, Store, load
     from thermo.thermometer import Thermometer, ThermometerConfig

@@ -1,9 +1,10 @@
 """`thermo demo`: train the reference GPT on CPU, hit a planted divergence, recover, report.
 
-Three batches are poisoned (their gradients scaled by 1e4, with the on-device spike skip turned
-off so the bad updates really land). The detector sees the gradient-norm spike, the guard rolls
-back to the newest good checkpoint from before the onset, blacklists the samples of the steps
-around it, and training carries on. The run directory ends with ``report.html``.
+Two samples in each of three batches are poisoned (their share of the gradient scaled by 1e4,
+with the on-device spike skip turned off so the bad updates really land). The detector sees the
+gradient-norm spike, the guard rolls back to the newest good checkpoint from before the onset,
+replays the steps since to find the samples that carry it, blacklists those six and nothing else,
+and training carries on. The run directory ends with ``report.html``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def demo_args(run_dir: Path, steps: int, quick: bool) -> list[str]:
             ["--n-layer", "4", "--n-embd", "128", "--block-size", "64", "--batch-size", "16",
              "--data-bytes", "2000000", "--checkpoint-every", "50", "--good-after", "40"])
     return ["--run-dir", str(run_dir), "--steps", str(steps), *size,
-            "--poison-steps", f"{first}-{first + 2}", "--skip-z", "0"]
+            "--poison-steps", f"{first}-{first + 2}", "--poison-per-batch", "2", "--skip-z", "0"]
 
 
 def run_demo(run_dir: Path, steps: int, quick: bool, echo=print) -> Summary:
@@ -51,6 +52,10 @@ def run_demo(run_dir: Path, steps: int, quick: bool, echo=print) -> Summary:
         echo(f"  onset      step {v['onset_step']}, detected at step {v['detection_step']}")
     if summary.rollbacks:
         echo(f"  rollbacks  {summary.rollbacks}; {summary.steps_lost} steps redone")
+        for c in summary.causes:
+            if c.get("cause"):
+                echo(f"  cause      {c['cause']}: the replay blacklisted {c['n_blacklisted']} of the "
+                     f"{c['suspects']} samples of the suspect steps")
         echo(f"  skipped    {summary.skipped_samples} samples, listed in {run_dir / 'blacklist.json'}")
     else:
         echo("  no divergence was detected")

@@ -56,6 +56,7 @@ class Summary:
     rollbacks: int = 0
     verdicts: list[dict] = field(default_factory=list)
     skipped_samples: int = 0
+    causes: list[dict] = field(default_factory=list)  # per rollback: cause, blacklisted, suspects
     steps_lost: int = 0  # steps trained and then rolled back
     seconds: float = 0.0
 
@@ -435,6 +436,7 @@ def _fill_summary(summary: Summary, run_dir: Path) -> None:
         summary.verdicts.append(e["data"])
     for _, e in ev[ev["kind"] == "rollback"].iterrows():
         summary.skipped_samples += int(e["data"].get("n_blacklisted", 0))
+        summary.causes.append({k: e["data"].get(k) for k in ("cause", "n_blacklisted", "suspects")})
         summary.steps_lost += int(e["data"]["from_step"]) - int(e["data"]["to_step"])
 
 

@@ -11,10 +11,13 @@ The escalation ladder:
    `thermo.guard.skip`). No host sync. Optionally, QK-Clip (``GuardConfig.qk_clip_tau``,
    `thermo.guard.qkclip`) scales W_q/W_k of heads whose exact max logit exceeds tau after the update.
 2. On a detector verdict, every rank together: mark checkpoints written after the onset bad,
-   restore the newest good checkpoint before ``onset - rollback_margin``, blacklist the sample
-   ids of steps ``[onset - skip_before, detection + skip_after]``, scale the LR down after
-   repeated rollbacks in one region, record events, continue.
-3. After ``max_rollbacks``, raise `DivergenceError` (exit code `EXIT_DIVERGED` for a supervisor).
+   restore the newest good checkpoint before ``onset - rollback_margin``.
+3. Replay the steps since (``replay.py``) to find the cause: the samples that carry the anomaly
+   (*data*), none (*numerics*), or an identical replay that is clean (*transient*).
+4. The remedy fits the cause: blacklist exactly the toxic samples; or nothing and the LR backs off;
+   or nothing. Without a ``loss_fn`` the samples of ``[onset - skip_before, detection +
+   skip_after]`` are blacklisted. Never more than ``max_blacklist_fraction`` of the data.
+5. After ``max_rollbacks``, raise `DivergenceError` (exit code `EXIT_DIVERGED` for a supervisor).
 """
 
 from __future__ import annotations

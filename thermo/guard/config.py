@@ -57,6 +57,10 @@ class GuardConfig:
             blacklisted.
         replay_outlier_z: a sample is a suspect when its log loss or log grad norm lies this many
             robust σ (MAD) above its batch's median (and is at least 2x the median).
+        replay_max_toxic_share: when the samples that carry the anomalies pass this share of the
+            samples of the suspect steps, the cause is called numerics: every batch looks toxic
+            to a model that is itself unstable (a too-high LR), and data that bad is not the
+            common case (raise it if yours is).
         max_blacklist_fraction: give up (`DivergenceError`) rather than blacklist more than this
             share of the dataset in one run (needs the data's size).
     """
@@ -79,6 +83,7 @@ class GuardConfig:
     replay_max_steps: int = 400
     replay_max_evals: int = 4096
     replay_outlier_z: float = 6.0
+    replay_max_toxic_share: float = 0.25
     max_blacklist_fraction: float = 0.02
 
     def __post_init__(self):
@@ -98,6 +103,10 @@ class GuardConfig:
                 raise ValueError(f"GuardConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.replay_outlier_z <= 0:
             raise ValueError(f"GuardConfig.replay_outlier_z must be > 0, got {self.replay_outlier_z}")
+        if not 0.0 < self.replay_max_toxic_share <= 1.0:
+            raise ValueError(
+                f"GuardConfig.replay_max_toxic_share must be in (0, 1], got {self.replay_max_toxic_share}"
+            )
         if not 0.0 < self.max_blacklist_fraction <= 1.0:
             raise ValueError(
                 f"GuardConfig.max_blacklist_fraction must be in (0, 1], got {self.max_blacklist_fraction}"

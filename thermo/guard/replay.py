@@ -111,6 +111,7 @@ class Replay:
         # saw); verdicts are attributed wherever the replay meets them.
         self.suspect_from = plan.first
         self.suspect_to = plan.verdict.detection_step
+        self.suspect_samples = sum(len(b) for s, b in batches.items() if self.suspect_from <= s <= self.suspect_to)
         self.evals = 0
         self.steps = 0
         self.toxic: set[int] = set()
@@ -152,6 +153,7 @@ class Replay:
     def _replay(self) -> Finding:
         g, watch = self.g, self.g.watch
         reproduced = False
+        too_many = False
         misses = 0
         unexplained: dict[str, Any] | None = None
         skip_state = _skip_state(g.skip)
@@ -173,6 +175,9 @@ class Replay:
                                 break
                         else:
                             self.toxic.update(carried)
+                            if len(self.toxic) > self.cfg.replay_max_toxic_share * self.suspect_samples:
+                                too_many = True
+                                break
                             outcome = self._redo(step, [i for i in ids if i not in self.toxic])
                             if outcome["verdict"] is not None:  # cannot happen after a passed leave-out
                                 unexplained = self.anomalies[-1]
@@ -182,6 +187,11 @@ class Replay:
             _set_skip_state(g.skip, skip_state)
             g.optimizer.zero_grad(set_to_none=True)
         toxic = sorted(self.toxic)
+        if too_many:
+            return Finding("numerics", toxic, summary=(
+                f"{len(toxic)} samples would carry the anomalies, over replay_max_toxic_share="
+                f"{self.cfg.replay_max_toxic_share:g} of the {self.suspect_samples} samples of the suspect steps: "
+                "the model is unstable, not the data"))
         if unexplained is not None:
             what = unexplained["signal"] + (f" of {unexplained['layer']}" if unexplained.get("layer") else "")
             many = f"{misses} anomalies up to replayed step {unexplained['step']} are" if misses > 1 else \
