@@ -18,6 +18,7 @@ and, with --attn-sweep, thermo's overhead for several `attn_every` values (the d
 
     python benchmarks/overhead.py --compile       # ~15 minutes on 2 CPU cores
     python benchmarks/overhead.py --steps 5 --quick
+    python benchmarks/overhead.py --only "none, again (noise floor)" --only thermo --no-wandb --attn-sweep ''
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main():
     ap.add_argument("--no-wandb", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time both under torch.compile")
     ap.add_argument("--quick", action="store_true", help="smaller data read, for a smoke run")
+    ap.add_argument("--only", action="append", default=[],
+                    help="a configuration to time (repeat for several; default: all); 'none' is always timed")
     args = ap.parse_args()
     if args.compile:  # the first steps compile (sampled and unsampled steps are two graphs)
         args.warmup = max(args.warmup, 12)
@@ -203,6 +206,9 @@ def main():
     sweep = [int(k) for k in args.attn_sweep.split(",") if k]
     with tempfile.TemporaryDirectory() as tmp:
         cfgs = configs(tmp, sweep, with_wandb=not args.no_wandb, compiled=args.compile)
+        if args.only:  # "none" stays first: the ratios are taken against it
+            keep = {"none", *args.only}
+            cfgs = [c for c in cfgs if c.name in keep]
         n_params = sum(p.numel() for p in cfgs[0].model.parameters())
         interleave(cfgs, lambda: data.batch(torch.randint(0, len(data), (8,), generator=g).tolist()),
                    args.warmup, args.steps)
