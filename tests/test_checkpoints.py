@@ -541,3 +541,33 @@ def test_retention_is_bounded_whatever_the_checkpoint_interval(tmp_path):
     # Every onset the detector can still report (up to 200 steps back, margin 10) has a target.
     for onset in range(400 - 200, 401):
         assert ckpts.newest_good(before_step=onset - 10) is not None
+
+
+def test_retention_stays_within_a_disk_budget_and_keeps_what_a_rollback_needs(tmp_path):
+    m, o = tiny()
+    probe = Checkpoints(tmp_path / "probe", good_after=0)
+    one = sum(size for size, _ in probe.save(1, m, o).files.values())
+    cfg = CheckpointConfig(keep_last=4, good_after=10, horizon=100, keep_between=3, max_bytes=int(4.5 * one))
+    ckpts = Checkpoints(tmp_path / "run", cfg)
+    for step in range(0, 301, 5):
+        ckpts.save(step, m, o)
+        ckpts.promote(step)
+        on_disk = sum(p.stat().st_size for p in (tmp_path / "run" / "checkpoints").rglob("*") if p.is_file())
+        assert on_disk <= cfg.max_bytes * 1.05, (step, on_disk / one)  # (+ a byte or two of thermo.json)
+    steps = [e.step for e in ckpts.entries]
+    good = [e.step for e in ckpts.entries if e.health == "good"]
+    assert steps[-1] == 300 and len(steps) == 4
+    assert any(s < 300 - 100 for s in good)  # the one every possible onset can return to
+    with pytest.warns(RuntimeWarning, match="over CheckpointConfig.max_bytes"):
+        tight = Checkpoints(tmp_path / "tight", replace_cfg(cfg, max_bytes=one))
+        for step in range(0, 200, 5):
+            tight.save(step, m, o)
+            tight.promote(step)
+    # The newest, the newest good, the next to become good, the good one before the look-back.
+    assert len(tight.entries) <= 4 and any(e.health == "good" for e in tight.entries)
+
+
+def replace_cfg(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)

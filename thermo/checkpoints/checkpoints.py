@@ -70,6 +70,7 @@ class Checkpoints:
         self.backend = backend if backend is not None else DCPBackend()
         self.dir = self.run_dir / self.config.folder
         self.manifest_path = self.run_dir / MANIFEST_NAME
+        self._warned_budget = False
         # Every rank reads (so every rank raises alike on a broken manifest); rank 0 writes.
         self._entries = self._read_manifest()
         if self._entries is None:
@@ -298,7 +299,9 @@ class Checkpoints:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _keep(self) -> set[int]:
-        """The steps retention keeps; at most ``keep_last + keep_between + 3`` of them:
+        """The steps retention keeps; at most ``keep_last + keep_between + 3`` of them, and within
+        `max_bytes` if set (the newest, the newest good one, the next pending one and the one from
+        before the look-back are kept whatever it says):
 
         - the newest `keep_last` that are not bad (the newest is what a crash resumes from);
         - the newest good one, and the oldest pending one after it (the next to become good:
@@ -312,24 +315,41 @@ class Checkpoints:
         """
         cfg = self.config
         live = sorted(e.step for e in self._entries if e.health != "bad")
-        keep = set(live[-cfg.keep_last:])
         good = sorted(e.step for e in self._entries if e.health == "good")
         pending = [e.step for e in self._entries if e.health == "pending" and (not good or e.step > good[-1])]
+        # What a rollback or a restart needs whatever happens next, then the rest in the order a
+        # disk budget gives them up (first given up first).
+        needed = {live[-1]} if live else set()
+        optional: list[int] = []
+        if good:
+            needed.add(good[-1])
+            if cfg.horizon and live:
+                edge = live[-1] - cfg.horizon
+                older = [s for s in good if s < edge]
+                needed.add(older[-1] if older else good[0])
+                inside = [s for s in good if s >= edge]
+                for k in range(1, cfg.keep_between + 1):
+                    mark = edge + k * cfg.horizon / (cfg.keep_between + 1)
+                    below = [s for s in inside if s <= mark]
+                    if below:
+                        optional.append(below[-1])
+        optional += live[-cfg.keep_last:-1]
         if pending:
-            keep.add(min(pending))
-        if not good:
-            return keep
-        keep.add(good[-1])
-        if cfg.horizon and live:
-            edge = live[-1] - cfg.horizon
-            older = [s for s in good if s < edge]
-            keep.add(older[-1] if older else good[0])
-            inside = [s for s in good if s >= edge]
-            for k in range(1, cfg.keep_between + 1):
-                mark = edge + k * cfg.horizon / (cfg.keep_between + 1)
-                below = [s for s in inside if s <= mark]
-                if below:
-                    keep.add(below[-1])
+            needed.add(min(pending))  # without it, under a tight budget nothing would ever become good
+        keep = set(needed)
+        if not cfg.max_bytes:
+            return keep | set(optional)
+        sizes = {e.step: _size(self.run_dir / e.path, e) for e in self._entries}
+        total = sum(sizes[s] for s in keep)
+        for step in reversed(list(dict.fromkeys(optional))):  # the most useful first
+            if step not in keep and total + sizes[step] <= cfg.max_bytes:
+                keep.add(step)
+                total += sizes[step]
+        if total > cfg.max_bytes and not self._warned_budget:
+            self._warned_budget = True
+            warnings.warn(f"thermo: the {len(needed)} checkpoints a rollback or a restart needs take {total / 1e6:.0f} MB, "
+                          f"over CheckpointConfig.max_bytes ({cfg.max_bytes / 1e6:.0f} MB); kept anyway: raise "
+                          "max_bytes or free disk", RuntimeWarning, stacklevel=4)
         return keep
 
     # -- restore ---------------------------------------------------------------------------
@@ -364,6 +384,16 @@ class Checkpoints:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _size(folder: Path, entry: CheckpointEntry) -> int:
+    """Bytes a checkpoint takes: the manifest's record of its files, else what is on disk."""
+    if entry.files is not None:
+        return sum(size for size, _ in entry.files.values())
+    try:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    except OSError:
+        return 0
 
 
 def _rank_data(data: list[Any], path: Path) -> Any:

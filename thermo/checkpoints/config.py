@@ -26,6 +26,11 @@ class CheckpointConfig:
             spread evenly: a rollback to an onset inside the window then redoes at most about
             ``horizon / (keep_between + 1)`` steps more than it must. Retention keeps at most
             ``keep_last + keep_between + 3`` checkpoints, whatever `checkpoint_every` is.
+        max_bytes: a disk budget for the checkpoints (0: none). Past it, retention gives up the
+            ones inside the look-back first, then the older of the last `keep_last`; the newest,
+            the newest good one, the next pending one (the next to become good) and the good
+            one from before the look-back are kept whatever it says (with a warning): a run
+            needs at most ``max(max_bytes, 4 checkpoints)``.
     """
 
     keep_last: int = 3
@@ -34,6 +39,7 @@ class CheckpointConfig:
     rng: bool = True
     horizon: int = 0
     keep_between: int = 2
+    max_bytes: int = 0
 
     def __post_init__(self):
         if self.keep_last < 1:
@@ -42,6 +48,8 @@ class CheckpointConfig:
             raise ValueError(f"CheckpointConfig.good_after must be >= 0, got {self.good_after}")
         if not isinstance(self.keep_between, int) or self.keep_between < 0:
             raise ValueError(f"CheckpointConfig.keep_between must be an int >= 0, got {self.keep_between!r}")
+        if not isinstance(self.max_bytes, int) or self.max_bytes < 0:
+            raise ValueError(f"CheckpointConfig.max_bytes must be an int >= 0 (0: no budget), got {self.max_bytes!r}")
         if self.horizon < 0:
             raise ValueError(f"CheckpointConfig.horizon must be >= 0, got {self.horizon}")
         if not self.folder or Path(self.folder).is_absolute() or ".." in Path(self.folder).parts:
