@@ -473,6 +473,8 @@ GUARD_COLUMNS = [
     Column("poison loss gap", lambda rs: _pct(r.get("gap") for r in _of(rs, "guard_poison"))),
     Column("high-LR finished", lambda rs: _frac(_of(rs, "guard_high_lr"), lambda r: r["finished"])),
     Column("high-LR rollbacks", lambda rs: _median(r["rollbacks"] for r in _of(rs, "guard_high_lr"))),
+    Column("high-LR final loss", lambda rs: _median(round(r["final"], 2) for r in _of(rs, "guard_high_lr")
+                                                    if r.get("final") is not None)),
     Column("high-LR data blacklisted", lambda rs: _pct([r.get("blacklisted_share") for r in _of(rs, "guard_high_lr")])),
 ]
 

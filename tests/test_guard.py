@@ -120,9 +120,12 @@ def test_gives_up_after_max_rollbacks_with_exit_code(tmp_path, capsys):
     ev = thermo.load(tmp_path / "r").events
     assert list(ev["kind"]).count("rollback") == 2
     assert ev.iloc[-1]["kind"] == "give_up"
-    # The LR was backed off on the second rollback in the same region.
+    # The replay put the cause on the optimizer both times: no sample blacklisted, the LR halved
+    # at once each time.
     rb = ev[ev["kind"] == "rollback"]
-    assert [d["lr_scale"] for d in rb["data"]] == [1.0, 0.5]
+    assert [d["cause"] for d in rb["data"]] == ["numerics", "numerics"]
+    assert [d["lr_scale"] for d in rb["data"]] == [0.5, 0.25]
+    assert len(thermo.Blacklist.load(tmp_path / "r")) == 0
 
 
 def test_resume_after_a_kill_continues_the_same_stream(tmp_path):

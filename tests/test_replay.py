@@ -74,7 +74,7 @@ def test_samples_toxic_only_together_are_found_by_bisection(tmp_path):
 
 def test_a_too_high_learning_rate_blacklists_nothing(tmp_path):
     try:  # whether the backed-off LR saves the run depends on the machine's rounding; either way:
-        run(tmp_path / "r", "--diverge-lr", "0.3", "--diverge-from", "60", "--max-rollbacks", "2", steps=140)
+        run(tmp_path / "r", "--diverge-lr", "0.3", "--diverge-from", "40", "--max-rollbacks", "2")
     except DivergenceError:
         pass
     rbs = rollbacks(tmp_path / "r")
@@ -96,7 +96,7 @@ def test_a_fault_that_does_not_come_back_blacklists_nothing(tmp_path):
 
 def test_without_replay_the_window_is_blacklisted_and_a_give_up_takes_it_back(tmp_path):
     with pytest.raises(DivergenceError):
-        run(tmp_path / "r", "--no-replay", "--diverge-lr", "0.3", "--diverge-from", "60", "--max-rollbacks", "1",
+        run(tmp_path / "r", "--no-replay", "--diverge-lr", "0.3", "--diverge-from", "40", "--max-rollbacks", "1",
             steps=140)
     rbs = rollbacks(tmp_path / "r")
     assert rbs[0]["cause"] is None and rbs[0]["n_blacklisted"] > 0
