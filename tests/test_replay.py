@@ -97,7 +97,7 @@ def test_a_fault_that_does_not_come_back_blacklists_nothing(tmp_path):
 def test_without_replay_the_window_is_blacklisted_and_a_give_up_takes_it_back(tmp_path):
     with pytest.raises(DivergenceError):
         run(tmp_path / "r", "--no-replay", "--diverge-lr", "0.3", "--diverge-from", "40", "--max-rollbacks", "1",
-            steps=140)
+            "--max-blacklist-fraction", "1", steps=140)
     rbs = rollbacks(tmp_path / "r")
     assert rbs[0]["cause"] is None and rbs[0]["n_blacklisted"] > 0
     ev = thermo.load(tmp_path / "r").events

@@ -59,7 +59,8 @@ def main():
                                flush_every=2, attn_every=1)
     layers = [layer.name for layer in therm.layers if layer.kind != "attention"]
     blocks = [layer.name for layer in therm.layers if layer.kind == "block"]
-    attn = [layer.name for layer in therm.layers if layer.kind == "attention"]
+    # Attention layers are found on the first forward (thermo's finder); this model's are known.
+    attn = [f"h.{i}.attn" for i in range(len(model.h))]
     rec = Recorder(model, layers, grad_names=blocks)
     qkv = QKVCapture(model, attn, n_head=4)
 
