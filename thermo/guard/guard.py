@@ -330,7 +330,7 @@ class Guard:
         ids = None
         if self.rank0:
             self.watch.blacklist.reload()
-            ids = sorted(self.watch.blacklist.ids)
+            ids = self.watch.blacklist.ids  # an IdSet of ranges: never listed id by id
         ids = broadcast(ids)
         self.data.set_blacklist(ids)
 
