@@ -114,3 +114,24 @@ def assert_close(got: float, want: float, rel: float, what: str) -> None:
         return
     tol = rel * max(abs(want), 1e-6)
     assert abs(got - want) <= tol, f"{what}: got {got!r}, want {want!r} (rel tol {rel})"
+
+
+HOST_SYNCS = ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy")
+
+
+def forbid_host_syncs(monkeypatch, where: str = "inside a step") -> dict[str, bool]:
+    """Make every read-back of a tensor to the host raise while ``armed["on"]`` is True (what a
+    GPU's ``set_sync_debug_mode("error")`` checks, on the CPU). Returns `armed`."""
+    armed = {"on": False}
+
+    def forbid(name, orig):
+        def f(self, *a, **k):
+            if armed["on"]:
+                raise AssertionError(f"host sync: Tensor.{name} called {where}")
+            return orig(self, *a, **k)
+
+        return f
+
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, forbid(name, getattr(torch.Tensor, name)))
+    return armed

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import thermo
-from tests.reference import Recorder, assert_close, grad_norm, logit_extremes
+from tests.reference import Recorder, assert_close, grad_norm
 from thermo.gpt import GPT, GPTConfig
 
 T = 8  # sequence length

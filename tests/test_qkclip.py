@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import thermo
+from tests.reference import forbid_host_syncs
 from thermo.gpt import GPT, GPTConfig
 from thermo.guard import Guard, GuardConfig
 from thermo.guard.qkclip import QKClip
@@ -148,18 +149,7 @@ def test_no_host_sync_and_a_skipped_step_is_not_clipped(monkeypatch):
     therm = thermo.Thermometer(model, attn_per_head=True, attn_every=1, flush_every=50)
     discover(therm, loss_fn)
     clip = QKClip(therm, tau=1e-3)  # every head is hot
-    armed = {"on": False}
-
-    def forbid(name, orig):
-        def f(self, *a, **k):
-            if armed["on"]:
-                raise AssertionError(f"host sync: Tensor.{name} called by QK-Clip")
-            return orig(self, *a, **k)
-
-        return f
-
-    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, forbid(name, getattr(torch.Tensor, name)))
+    armed = forbid_host_syncs(monkeypatch, "by QK-Clip")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = loss_fn()
     armed["on"] = True

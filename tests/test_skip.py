@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import ROOT, torchrun
+from tests.reference import forbid_host_syncs
 from thermo.guard import GuardConfig, _DeviceSkip
 
 OPTIMIZERS = {
@@ -188,18 +189,7 @@ def test_no_host_sync_between_flushes(monkeypatch, impl):
         skip = _DeviceSkip(GuardConfig(skip_window=4, skip_min_window=2), opt, list(model.parameters()),
                            torch.device("cpu"))
     skip._hook.remove()  # restore by hand below, armed: inside opt.step() torch itself may sync
-    armed = {"on": False}
-
-    def forbid(name, orig):
-        def f(self, *a, **k):
-            if armed["on"]:
-                raise AssertionError(f"host sync: Tensor.{name} called inside a step")
-            return orig(self, *a, **k)
-
-        return f
-
-    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, forbid(name, getattr(torch.Tensor, name)))
+    armed = forbid_host_syncs(monkeypatch)
     flags = []
     for seed in range(6):
         loss = backward(model, seed)

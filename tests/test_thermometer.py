@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import thermo
-from tests.reference import QKVCapture, Recorder, assert_close, grad_norm, logit_extremes
+from tests.reference import QKVCapture, Recorder, assert_close, forbid_host_syncs, grad_norm, logit_extremes
 from thermo.gpt import GPT, GPTConfig
 
 
@@ -213,18 +213,7 @@ def test_no_host_sync_between_flushes(monkeypatch):
     """Between flushes, a step must not read any value back to the host."""
     model = tiny_gpt()
     therm = thermo.Thermometer(model, flush_every=4, attn_every=2)
-    armed = {"on": False}
-
-    def forbid(name, orig):
-        def f(self, *a, **k):
-            if armed["on"]:
-                raise AssertionError(f"host sync: Tensor.{name} called inside a step")
-            return orig(self, *a, **k)
-
-        return f
-
-    for name in ("item", "tolist", "cpu", "__bool__", "__float__", "__int__", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, forbid(name, getattr(torch.Tensor, name)))
+    armed = forbid_host_syncs(monkeypatch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     flushed = []
     for i, b in enumerate(batches(8)):

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from thermo.sinks.budget import KeyBudget
-from thermo.store import DB_NAME, StepRecord
+from thermo.sinks.budget import KeyBudget, events_after
+from thermo.store import StepRecord
 
 # Seconds between looks at the run directory's events (verdicts, rollbacks) during writes.
 _EVENT_POLL_S = 5.0
@@ -161,19 +161,9 @@ class TensorBoardSink:
                              global_step=step)
 
     def _poll_events(self) -> None:
-        if not (self.run_dir / DB_NAME).is_file():
-            return
-        from thermo.store import Store
-
-        try:
-            with Store(self.run_dir, readonly=True) as store:
-                ev = store.events()
-        except Exception:  # a store being created, busy or foreign: try again later
-            return
-        for _, e in ev[ev["id"] > self._last_event_id].iterrows():
-            self._last_event_id = int(e["id"])
-            step = None if e["step"] is None or e["step"] != e["step"] else int(e["step"])
-            self._log_event(e["kind"], e["message"], step, e["data"])
+        for e in events_after(self.run_dir, self._last_event_id):
+            self._last_event_id = e["id"]
+            self._log_event(e["kind"], e["message"], e["step"], e["data"])
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued, log the events not yet seen and close the writer (if the sink

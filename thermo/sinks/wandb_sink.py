@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from thermo.sinks.budget import KeyBudget, StepAxis
+from thermo.sinks.budget import KeyBudget, StepAxis, events_after
 from thermo.store import DB_NAME, StepRecord
 
 # Events worth a W&B alert (email/Slack when the user configured it); the rest only get logged.
@@ -307,20 +307,9 @@ class WandbSink:
         return row
 
     def _poll_events(self) -> None:
-        if not (self.run_dir / DB_NAME).is_file():
-            return
-        from thermo.store import Store
-
-        try:
-            with Store(self.run_dir, readonly=True) as store:
-                ev = store.events()
-        except Exception:  # a store being created, busy or foreign: try again later
-            return
-        for _, e in ev[ev["id"] > self._last_event_id].iterrows():
-            self._last_event_id = int(e["id"])
-            step = None if e["step"] is None or e["step"] != e["step"] else int(e["step"])
-            self._log_event({"kind": e["kind"], "message": e["message"], "step": step,
-                             "data": e["data"], "id": int(e["id"])})
+        for e in events_after(self.run_dir, self._last_event_id):
+            self._last_event_id = e["id"]
+            self._log_event(e)
 
     def _log_event(self, e: dict[str, Any]) -> None:
         from thermo.plots import event_details
