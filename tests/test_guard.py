@@ -212,3 +212,31 @@ def test_a_divergence_in_the_last_partial_window_is_recorded(tmp_path):
     ev = thermo.load(tmp_path / "r").events
     (msg,) = ev[ev["kind"] == "verdict"]["message"]
     assert msg.startswith("after the last step: grad_norm spike at step 93")
+
+
+def test_what_a_checkpoint_holds_is_in_the_store_when_it_is_written(tmp_path):
+    # checkpoint_every is not a multiple of flush_every: the Guard flushes before it saves, so a
+    # crash right after the checkpoint loses no recorded step and no ledger row.
+    from thermo.corpus import TokenDataset, stdlib_bytes
+    from thermo.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    data = TokenDataset(stdlib_bytes(50_000), 16)
+    guard = Guard(model, opt, tmp_path / "r", data=ResumableSampler(data, 4), fetch=data.batch,
+                  config=GuardConfig(checkpoint_every=15), thermometer=thermo.ThermometerConfig(flush_every=10))
+    seen = {}
+    for step, (x, y) in guard.batches(max_steps=16):
+        loss = model(x, y)[1]
+        loss.backward()
+        guard.after_backward(loss)
+        opt.step()
+        guard.after_step()
+        opt.zero_grad(set_to_none=True)
+        if step == 15:  # the checkpoint of step 15 is written: read the store as a crash would leave it
+            with thermo.Store(tmp_path / "r", readonly=True) as store:
+                seen = {"steps": sorted(r.step for r in store.records()), "ledger": sorted(store.ledger())}
+    guard.close()
+    assert 15 in [e.step for e in guard.checkpoints.entries]
+    assert seen["steps"] == list(range(1, 16)) and seen["ledger"] == list(range(1, 16))

@@ -217,6 +217,12 @@ class Guard:
             self._rollback(verdict)
             return
         if self.step % self.config.checkpoint_every == 0:
+            # What the checkpoint holds goes to the store first (checkpoint_every need not be a
+            # multiple of flush_every); a verdict in those steps is acted on instead.
+            verdict = self.watch.flush(self.step)
+            if verdict is not None:
+                self._rollback(verdict)
+                return
             self._save(self.step)
         self.step += 1
 

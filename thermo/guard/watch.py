@@ -95,7 +95,17 @@ class Watch:
             raise RuntimeError("Watch.record during a replay: use Watch.replay_record")
         flushes = self.therm.flushes
         records = self.therm.step(loss, grad_norm=grad_norm, step=step, **scalars)
-        if self.therm.flushes == flushes:  # the same on every rank
+        return self._judge(step, flushes, records)
+
+    def flush(self, step: int) -> Verdict | None:
+        """Flush and judge now, whatever the ring holds: before a checkpoint of `step`, so that
+        what the checkpoint holds is in the store and the ledger too (a crash after it loses no
+        recorded step). Returns the verdict (every rank gets rank 0's) or None."""
+        flushes = self.therm.flushes
+        return self._judge(step, flushes, self.therm.flush(wait=True))
+
+    def _judge(self, step: int, flushes: int, records: list) -> Verdict | None:
+        if self.therm.flushes == flushes:  # nothing was flushed: the same on every rank
             return None
         rows = self.ledger.pop_unwritten()
         pending = None
