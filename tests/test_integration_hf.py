@@ -260,6 +260,9 @@ def test_real_trainer_stop_and_resume(tmp_path):
         return cb, trainer.state, trainer.model
 
     cb, state, model = launch()
+    # thermo's values reach the Trainer's own log at each flush (logging_steps is 1000 here).
+    rows = [r for r in state.log_history if "thermo/grad_norm" in r]
+    assert rows and all(r["step"] % 10 == 0 for r in rows) and all(len(r) <= 102 for r in rows)
     rb = check_first_launch(out, cb, state, model)
     cb2, state2, _ = launch()
     check_relaunch(out, rb, cb2, state2)

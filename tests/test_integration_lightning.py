@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,25 @@ def test_stop_with_blacklist_then_resume(tmp_path):
     assert sorted(relaunched) == list(range(rb["to_step"] + 1, 121))
     assert not poisoned & {i for ids in relaunched.values() for i in ids}
     assert run.scalars["loss"].iloc[-10:].max() < 10
+
+
+def test_values_reach_the_trainers_own_loggers(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    run_dir = tmp_path / "pl"
+    cb = callback(run_dir)
+    t = L.Trainer(accelerator="cpu", devices=1, max_steps=30, logger=CSVLogger(tmp_path / "logs"),
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, default_root_dir=run_dir, callbacks=[cb])
+    t.fit(TinyGPT(), loader(run_dir))
+    t.logger.finalize("success")
+    with open(Path(t.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("thermo/loss")]
+    assert [int(r["step"]) for r in rows] == [10, 20, 30]  # one row per flush, at its step
+    stored = thermo.load(run_dir).scalars.set_index("step")["loss"]
+    assert float(rows[-1]["thermo/loss"]) == pytest.approx(stored[30], rel=1e-6)
 
 
 def test_gives_up_after_max_rollbacks(tmp_path):

@@ -147,6 +147,7 @@ class _Watch(Watch):
         self.target: CheckpointEntry | None = None  # where the next launch resumes
         self.step = 0  # the last step recorded
         self._ids: list[tuple[int, Any]] = []  # (step, this rank's ids) not yet on the host
+        self._reported: int | None = None  # the last step handed to a framework's loggers
 
     def begin(self, step: int) -> bool:
         """Start recording after `step` (the step the framework resumed at, 0 on a fresh start).
@@ -170,6 +171,19 @@ class _Watch(Watch):
         if self.therm.flush_due:
             self._gather_ids()
         return super().record(step, loss, grad_norm)
+
+    def fresh_metrics(self, step: int) -> dict[str, float]:
+        """On rank 0, right after the flush that recorded `step`: its values under the sinks'
+        key budget (``thermo/loss``, ``thermo/grad_norm``, per-block and hottest-layer extremes,
+        at most 100 keys), for the framework's own loggers; else empty. One row per flush, at
+        the current step: the framework's loggers never see a step go back."""
+        rec = self.last_record
+        if not self.rank0 or rec is None or rec.step != step or rec.step == self._reported:
+            return {}
+        from thermo.sinks.budget import KeyBudget
+
+        self._reported = rec.step
+        return KeyBudget().row(rec)
 
     def _gather_ids(self) -> None:
         """Put the global batches of the steps since the last flush in the ledger: every rank's

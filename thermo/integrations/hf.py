@@ -149,6 +149,7 @@ class ThermoCallback(TrainerCallback):
         self.watch: _Watch | None = None
         self.verdict = None
         self._handles: list[Any] = []
+        self._metrics: dict[str, float] = {}  # thermo's values for the Trainer's next log
         self._reset_step()
 
     @property
@@ -231,6 +232,10 @@ class ThermoCallback(TrainerCallback):
         ids = torch.cat([i.reshape(-1) for i in self._ids]) if self._ids else None
         verdict = self.watch.record(state.global_step, loss, self._grad_norm, ids)
         self._reset_step()
+        metrics = self.watch.fresh_metrics(state.global_step)
+        if metrics:  # rank 0, at a flush: into the Trainer's next log (log_history and on_log)
+            self._metrics = metrics
+            control.should_log = True
         if verdict is None:
             return control
         target = self.watch.stop(verdict)  # raises DivergenceError past max_rollbacks
@@ -241,6 +246,16 @@ class ThermoCallback(TrainerCallback):
         control.should_training_stop = True
         control.should_save = False  # never a checkpoint of the sick state
         control.should_evaluate = False
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The Trainer appended its row to log_history before the callbacks' on_log: thermo's
+        # values join that row and `logs`, which the reporting callbacks after this one see.
+        if self._metrics and logs is not None:
+            logs.update(self._metrics)
+            if state.log_history:
+                state.log_history[-1].update(self._metrics)
+            self._metrics = {}
         return control
 
     def on_save(self, args, state, control, **kwargs):

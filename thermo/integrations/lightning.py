@@ -171,6 +171,10 @@ class ThermoCallback(Callback):
         ids = torch.cat([torch.as_tensor(i).reshape(-1) for i in self._ids])
         verdict = self.watch.record(step, self._loss, self._grad_norm, ids)
         self._reset_step()
+        metrics = self.watch.fresh_metrics(step)
+        if metrics:  # rank 0, at a flush: through the trainer's own loggers (CSV, TensorBoard, W&B...)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
         if verdict is not None:
             self.watch.stop(verdict)  # raises DivergenceError past max_rollbacks
             self.verdict = verdict
