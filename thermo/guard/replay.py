@@ -22,7 +22,9 @@ Found toxic samples stay out of the rest of the replay. The cause:
 - *data*: every anomaly was carried by samples, and the replay without them reaches the detection
   step cleanly: those samples, and only those, are blacklisted;
 - *numerics*: a verdict that no sample carries (it happens without the suspects, e.g. a too-high
-  learning rate): nothing is blacklisted;
+  learning rate), a growth verdict (sustained over many steps: no one step's samples carry it),
+  three anomalies no sample carries, or more toxic samples than ``replay_max_toxic_share`` of the
+  suspect steps' (an unstable model makes every batch look toxic): nothing is blacklisted;
 - *transient*: the identical replay reaches the detection step without any verdict: nothing is
   blacklisted (the hosts are recorded);
 - *unattributed*: the replay could not run within its budget; the Guard falls back to the window.
@@ -255,6 +257,11 @@ class Replay:
                   "signal": v.signal if v is not None else _skip_signal(outcome, self._skip_limits()),
                   "layer": v.layer if v is not None else None, "ids": None, "how": None}
         self.anomalies.append(record)
+        if v is not None and v.kind == "growth":
+            # Growth is sustained over `growth_recent` steps: no one step's samples carry it (one
+            # sample can tip the last step over the line, which proves nothing about the data).
+            self._redo(step, ids)
+            return None
         limits = self._limits(outcome)
         stats = [self._eval([i]) for i in ids]  # (loss, grad norm) of each sample alone
         suspects = self._suspects(ids, stats, limits)
