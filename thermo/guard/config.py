@@ -84,7 +84,7 @@ class GuardConfig:
     replay_max_evals: int = 4096
     replay_outlier_z: float = 6.0
     replay_max_toxic_share: float = 0.25
-    max_blacklist_fraction: float = 0.02
+    max_blacklist_fraction: float = 0.05
 
     def __post_init__(self):
         for name in ("checkpoint_every", "skip_window", "lr_backoff_after"):
