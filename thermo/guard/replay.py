@@ -108,11 +108,12 @@ class Replay:
         self.batches = batches
         self.first = plan.target.step + 1
         self.last = last_step
-        # Skips outside [onset - skip_before, detection] are rung 1's business (an isolated skip
-        # long before the onset was harmless; one after the detection is not what the verdict
-        # saw); verdicts are attributed wherever the replay meets them.
+        # Skips before onset - skip_before are rung 1's business (an isolated skip long before
+        # the onset was harmless); those after it, up to the last step read, are attributed too:
+        # toxic samples read after the detection step would be read again after the rollback.
+        # Verdicts are attributed wherever the replay meets them.
         self.suspect_from = plan.first
-        self.suspect_to = plan.verdict.detection_step
+        self.suspect_to = last_step
         self.suspect_samples = sum(len(b) for s, b in batches.items() if self.suspect_from <= s <= self.suspect_to)
         self.evals = 0
         self.steps = 0
