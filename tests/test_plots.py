@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -437,3 +438,23 @@ def test_layer_figure_for_a_layer_and_for_a_parent_of_modules(incident):
     assert agg.layout.title.text == "layer h.17.mlp (extreme over its modules)"
     # the max of h.17.mlp.c_fc (with its spike at step 15) and h.17.mlp.c_proj
     assert list(agg.data[0].y) == [18.0] * 15 + [5e3] + [18.0] * 4
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_run_closed_by_its_loop_is_finished_and_one_closed_by_an_exception_is_not(tmp_path, crash):
+    import torch
+
+    import thermo
+    from thermo.plots.story import run_story
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(RuntimeError) if crash else contextlib.nullcontext():
+        with thermo.Thermometer(model, run_dir=tmp_path / "r", flush_every=2) as therm:
+            for step in range(4):
+                model(torch.randn(2, 4)).sum().backward()
+                therm.step(torch.tensor(1.0))
+                if crash and step == 2:
+                    raise RuntimeError("the loop died")
+    story = run_story(thermo.load(tmp_path / "r"), now=1e12)  # long after: not "training"
+    assert (story.status == "finished") is not crash
+    assert story.status == ("idle" if crash else "finished")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -662,6 +663,9 @@ class Thermometer:
             for sink in self.sinks:
                 sink.close()
             if self.store is not None:
+                if sys.exc_info()[0] is None:  # closed by the loop's end, not by an exception
+                    self.store.set_meta("closed", {"step": self.step_count - 1, "attempt": self.attempt,
+                                                   "time": time.time()})
                 self.store.close()
 
     def __enter__(self) -> Thermometer:

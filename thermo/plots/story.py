@@ -155,6 +155,10 @@ def _status(run: Run, now: float) -> tuple[str, str]:
             return "finished", f"finished{at}"
     if last_step is None:
         return "empty", "no steps recorded yet"
+    # The recording closed cleanly (the loop ended, not an exception) and nothing started after.
+    closed = run.meta.get("closed") if isinstance(run.meta, dict) else None
+    if isinstance(closed, dict) and float(closed.get("time", 0.0)) >= last_attempt_time - 1e-6:
+        return "finished", f"finished at step {last_step}"
     last_time = _last_write_time(run)
     if last_time is None or now - last_time <= STALE_S:
         return "training", f"training, at step {last_step}"
