@@ -234,7 +234,7 @@ class Replay:
 
     def _redo(self, step: int, ids: list[int]) -> dict:
         self.g.watch.replay_forget(step)
-        return self._step(step, ids, identical=False)
+        return self._step(step, ids, identical=ids == self.batches[step])
 
     def _update(self) -> None:
         g = self.g
