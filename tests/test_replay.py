@@ -111,3 +111,43 @@ def test_a_blacklist_over_the_cap_gives_up_with_a_clear_message(tmp_path):
         run(tmp_path / "r", "--no-replay", "--poison-steps", "50-52", "--max-blacklist-fraction", "0.001")
     assert "raise GuardConfig.max_blacklist_fraction" in str(err.value)
     assert len(Blacklist.load(tmp_path / "r")) == 0  # refused before anything was added
+
+
+def test_a_loss_fn_the_replay_cannot_run_falls_back_to_the_window_with_a_warning(tmp_path):
+    import torch
+
+    from thermo.gpt import GPT, GPTConfig
+    from thermo.guard import Guard, GuardConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    data = TokenDataset(stdlib_bytes(50_000), 16)
+    toxic = {i for b in ResumableSampler(data, 4).peek(42)[39:42] for i in b}
+
+    def fetch(ids):  # the poison is in the samples: a NUL byte first
+        x, y = data.batch(ids)
+        x[[k for k, i in enumerate(ids) if i in toxic], 0] = 0
+        return x, y
+
+    def loss_fn(batch):  # like a model with BatchNorm in train mode: no batch of one
+        x, y = batch
+        if len(x) < 2:
+            raise ValueError("Expected more than 1 value per channel when training")
+        _, loss = model(x, y)
+        return loss * torch.where((x[:, 0] == 0).any(), 1e4, 1.0)
+
+    guard = Guard(model, opt, tmp_path / "r", data=ResumableSampler(data, 4), fetch=fetch, loss_fn=loss_fn,
+                  config=GuardConfig(checkpoint_every=10, max_blacklist_fraction=1.0))
+    with pytest.warns(RuntimeWarning, match="the replay failed.*GuardConfig\\(replay=False\\)"):
+        for step, batch in guard.batches(max_steps=60):
+            loss = loss_fn(batch)
+            loss.backward()
+            guard.after_backward(loss)
+            opt.step()
+            guard.after_step()
+            opt.zero_grad(set_to_none=True)
+    guard.close()
+    (rb,) = rollbacks(tmp_path / "r")
+    assert rb["cause"] == "unattributed" and rb["n_blacklisted"] == rb["suspects"] > 0
+    assert toxic <= set(Blacklist.load(tmp_path / "r").ids)

@@ -39,6 +39,7 @@ import math
 import resource
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,11 @@ class Replay:
         except _OverBudget:
             finding = Finding("unattributed", summary=f"replay stopped: over replay_max_evals="
                                                       f"{self.cfg.replay_max_evals} passes")
+        except Exception as e:  # e.g. a loss_fn that cannot take one sample (BatchNorm in train mode)
+            warnings.warn(f"thermo: the replay failed ({type(e).__name__}: {e}); blacklisting the suspect "
+                          "window instead. Give the Guard a loss_fn that takes any number of samples, or "
+                          "GuardConfig(replay=False)", RuntimeWarning, stacklevel=3)
+            finding = Finding("unattributed", summary=f"replay failed: {type(e).__name__}: {e}")
         return self._finish(finding, t0, cuda)
 
     def _finish(self, f: Finding, t0: float, cuda: bool) -> Finding:

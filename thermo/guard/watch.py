@@ -202,7 +202,10 @@ class Watch:
         v, t = plan.verdict, plan.target.step
         what = (f"rolled back from step {now} to checkpoint {t}" if action == "rollback"
                 else f"stopped at step {now} to resume from checkpoint {t}")
-        ids = plan.ids if cause is None else cause["toxic"] if cause["cause"] == "data" else []
+        if cause is None or cause["cause"] == "unattributed":  # the suspect window, whole
+            ids = plan.ids
+        else:
+            ids = cause["toxic"] if cause["cause"] == "data" else []
         if cause is None:
             why = f"skipping {len(ids)} samples of steps {plan.first}..{plan.last}"
         else:
