@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -33,6 +34,8 @@ from thermo.supervisor.checks import (
 from thermo.supervisor.config import Launch, Outcome, SupervisorConfig, SupervisorError
 from thermo.supervisor.feed import _StoreFeed
 from thermo.supervisor.process import _describe_exit, _marked, _terminate, _tree
+
+log = logging.getLogger("thermo")
 
 
 class Supervisor:
@@ -422,6 +425,8 @@ class Supervisor:
 
     def _event(self, kind: str, message: str, /, step: int | None = None, **data) -> None:
         self._read(lambda: self.store.event(kind, message, step=step, **data), None)
+        # INFO: the supervisor already says it on stderr; logging reaches the user's handlers.
+        log.info("thermo supervise: %s: %s", kind, message)
 
     def _read(self, fn, default):
         """Run a store access; a store busy past its timeout costs a warning, not the watch (an
