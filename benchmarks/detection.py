@@ -330,6 +330,7 @@ def recover_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: boo
     from thermo.train_gpt import parse_args, poison_ids, train
 
     rows = []
+    sizes: dict[int, int] = {}  # block size -> samples in the loop's dataset
     # Seed by seed, so that an interrupted benchmark (--reuse picks up) has every variant of the
     # seeds it finished.
     plan = [(seed, variant, kind) for seed in seeds for variant in variants for kind in kinds
@@ -357,7 +358,9 @@ def recover_runs(kinds, seeds, steps: dict[str, int], runs_dir: Path, reuse: boo
         row["rollbacks"] = len(rb)
         row["replay_seconds"] = sum((e.get("replay") or {}).get("seconds", 0.0) for e in rb)
         blacklisted = set(Blacklist.load(base / "guarded").ids)
-        n = len(TokenDataset(stdlib_bytes(2_000_000), sc.model.block_size))  # the loop's data
+        if sc.model.block_size not in sizes:  # the loop's data (read once per sequence length)
+            sizes[sc.model.block_size] = len(TokenDataset(stdlib_bytes(2_000_000), sc.model.block_size))
+        n = sizes[sc.model.block_size]
         row["blacklisted"] = len(blacklisted)
         # What the rollbacks blacklisted, before a give-up took back the unproven ids.
         by_rollbacks = {i for e in rb for i in e.get("blacklisted", [])}

@@ -165,7 +165,7 @@ class Replay:
         too_many = False
         misses = 0
         unexplained: dict[str, Any] | None = None
-        skip_state = _skip_state(g.skip)
+        skip_state = g.skip.state_dict()
         try:
             with watch.replaying(self.first - 1):
                 for step in range(self.first, self.last + 1):
@@ -193,7 +193,7 @@ class Replay:
                                 break
                     self._update()
         finally:
-            _set_skip_state(g.skip, skip_state)
+            g.skip.load_state_dict(skip_state)
             g.optimizer.zero_grad(set_to_none=True)
         toxic = sorted(self.toxic)
         if too_many:
@@ -261,7 +261,7 @@ class Replay:
         weights before `step` (its update was not applied)."""
         v: Verdict | None = outcome["verdict"]
         record = {"step": step, "what": "verdict" if v is not None else "skip",
-                  "signal": v.signal if v is not None else _skip_signal(outcome, self._skip_limits()),
+                  "signal": v.signal if v is not None else _skip_signal(outcome, self.g.skip.limits()),
                   "layer": v.layer if v is not None else None, "ids": None, "how": None}
         self.anomalies.append(record)
         if v is not None and v.kind == "growth":
@@ -383,27 +383,12 @@ class Replay:
         limits = None
         if _dist.is_rank0():
             if v is None:
-                limits = self._skip_limits()
+                limits = self.g.skip.limits()
             elif v.kind == "spike" and "threshold" in v.evidence:
                 limits = {v.signal: v.evidence["threshold"]}
             elif v.kind == "nonfinite" and v.signal in ("loss", "grad_norm", "grad_nonfinite"):
                 limits = {}
         return broadcast(limits)
-
-    def _skip_limits(self) -> dict[str, float]:
-        """Rung 1's limits now (mean + skip_z·σ of its window of healthy steps)."""
-        skip, z = self.g.skip, self.cfg.skip_z
-        out: dict[str, float] = {}
-        window = getattr(skip, "window", None)
-        if z is None or window is None:
-            return out
-        w = window.detach().double().cpu()  # note: a host sync, off the hot path (replay)
-        for row, name in enumerate(("loss", "grad_norm")):
-            vals = w[row][~torch.isnan(w[row])]
-            if len(vals) >= self.cfg.skip_min_window:
-                mean = float(vals.mean())
-                out[name] = mean + z * float((vals - mean).square().mean().sqrt())
-        return out
 
     # -- forward/backward on chosen samples ---------------------------------------------------------
 
@@ -435,19 +420,6 @@ class Replay:
         self.evals += passes
         if self.evals > self.cfg.replay_max_evals:
             raise _OverBudget
-
-
-def _skip_state(skip) -> dict[str, Any]:
-    """Rung 1's rolling window (the replay must leave it as it found it)."""
-    window = getattr(skip, "window", None)
-    return {"window": None if window is None else window.clone(), "filled": getattr(skip, "filled", None)}
-
-
-def _set_skip_state(skip, state: dict[str, Any]) -> None:
-    if state["window"] is not None:
-        skip.window.copy_(state["window"])
-    if state["filled"] is not None:
-        skip.filled = state["filled"]
 
 
 def _skip_signal(outcome: dict, limits: dict[str, float]) -> str:

@@ -98,14 +98,39 @@ class _DeviceSkip:
         for opt in self.fused:
             opt.found_inf = self.flag  # read by the fused kernels at optimizer.step()
 
+    def _limit(self) -> torch.Tensor | None:
+        """(loss, grad norm) above which a step is a spike: mean + skip_z·σ of the window, on
+        the device; None while the rule is off or the window is not full enough."""
+        cfg = self.cfg
+        if cfg.skip_z is None or self.filled < cfg.skip_min_window:
+            return None
+        mean = self.window.nanmean(dim=1)
+        std = (self.window - mean[:, None]).square().nanmean(dim=1).sqrt()
+        return mean + cfg.skip_z * std
+
+    def limits(self) -> dict[str, float]:
+        """The spike limits rung 1 applies now, on the host (the replay's share test)."""
+        limit = self._limit()
+        if limit is None:
+            return {}
+        loss, gnorm = limit.tolist()  # note: a host sync; off the hot path (the replay calls it)
+        return {"loss": loss, "grad_norm": gnorm}
+
+    def state_dict(self) -> dict:
+        """The rolling window (what a replay must leave as it found it)."""
+        return {"window": self.window.clone(), "filled": self.filled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window.copy_(state["window"])
+        self.filled = state["filled"]
+
     def __call__(self, loss: torch.Tensor, gnorm: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         x = torch.stack([loss.detach().float().reshape(()), gnorm.detach().float().reshape(())])
         bad = ~torch.isfinite(x).all() if cfg.skip_nonfinite else torch.zeros((), dtype=torch.bool, device=x.device)
-        if cfg.skip_z is not None and self.filled >= cfg.skip_min_window:
-            mean = self.window.nanmean(dim=1)
-            std = (self.window - mean[:, None]).square().nanmean(dim=1).sqrt()
-            bad = bad | (x > mean + cfg.skip_z * std).any()
+        limit = self._limit()
+        if limit is not None:
+            bad = bad | (x > limit).any()
         self.flag.copy_(bad)
         if _dist.world_size() > 1:
             # One decision for all ranks: a rank whose own loss spiked makes every rank skip.
