@@ -98,11 +98,13 @@ def thermo_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if "thermo" in str(w.message)]
 
 
-def check(model, run_step, expected_attn, attach_ref, expected_warnings=(), compile=False):
+def check(model, run_step, expected_attn, attach_ref, expected_warnings=(), compile=False, backward=True):
     """Train `model` STEPS steps under a default Thermometer (exact logits every step) and check
     every recorded number. `run_step(m, i)` runs step i's forward on `m` and returns the loss;
     `attach_ref(m)` hooks the logits' reference on `m` and returns a function giving
-    {attention layer: (max, min)} of the forward just run.
+    {attention layer: (max, min)} of the forward just run. ``backward=False``: forwards only, in
+    training mode under ``torch.no_grad()`` (for attention torch cannot differentiate here), so
+    no gradient is recorded.
 
     Compiled (attached first, then ``torch.compile``): the references' hooks read values back
     with ``.item()``, so they run on an eager twin holding the same weights and inputs."""
@@ -123,9 +125,13 @@ def check(model, run_step, expected_attn, attach_ref, expected_warnings=(), comp
                 twin.load_state_dict(model.state_dict())
                 run_step(twin, i).backward()
                 twin.zero_grad()
-            loss = run_step(fwd, i)
-            loss.backward()
-            expected.append((ref.take(), ref_logits(), grad_norm(model)))
+            if backward:
+                loss = run_step(fwd, i)
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    loss = run_step(fwd, i)
+            expected.append((ref.take(), ref_logits(), grad_norm(model) if backward else None))
             records += therm.step(loss)
             opt.step()
             opt.zero_grad()
@@ -135,7 +141,10 @@ def check(model, run_step, expected_attn, attach_ref, expected_warnings=(), comp
     assert got_attn == expected_attn
     assert len(records) == STEPS
     for rec, (acts, logits, gn) in zip(records, expected):
-        assert_close(rec.scalars["grad_norm"], gn, 1e-5, "grad_norm")
+        if gn is None:
+            assert "grad_norm" not in rec.scalars
+        else:
+            assert_close(rec.scalars["grad_norm"], gn, 1e-5, "grad_norm")
         assert set(acts) == {k for k in rec.layers if k[1] in ("act_max", "act_min", "grad_max")}
         for key, want in acts.items():
             assert_close(rec.layers[key], want, 1e-6, f"step {rec.step} {key}")
@@ -384,20 +393,107 @@ def test_hugging_face(kind, impl):
     check(model, run, names, ref, expected_warnings=warn)
 
 
-def test_flex_attention():
-    """A tripwire: thermo does not read flex_attention's logits, and torch 2.13 cannot train
-    with it on CPU. The day torch can, this fails and the zoo needs a flex model."""
-    from torch.nn.attention.flex_attention import flex_attention
+# -- flex_attention ----------------------------------------------------------------------------
 
-    q = torch.randn(1, 2, T, 8, requires_grad=True)
+
+class FlexBlock(nn.Module):
+    """Attention through ``flex_attention``, inline: an ALiBi score_mod (a slope per head, read
+    from a captured buffer), a causal sliding-window block mask, grouped-query heads (4 query
+    heads share 2 kv heads)."""
+
+    def __init__(self, d=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, d // heads
+        self.ln = nn.LayerNorm(d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * kv_heads * self.hd)
+        self.proj = nn.Linear(d, d)
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1.0, heads + 1))
+
+    def qk(self, x):
+        B, L, _ = x.shape
+        h = self.ln(x)
+        q = self.q(h).view(B, L, self.heads, self.hd).transpose(1, 2)  # (B, H, L, hd)
+        k, v = (t.view(B, L, self.kv_heads, self.hd).transpose(1, 2) for t in self.kv(h).chunk(2, -1))
+        return q, k, v
+
+    def forward(self, x, block_mask):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        B, L, C = x.shape
+        q, k, v = self.qk(x)
+        slopes = self.slopes
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_idx - kv_idx)
+
+        y = flex_attention(q, k, v, score_mod=alibi, block_mask=block_mask, enable_gqa=True)
+        return x + self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+WINDOW = 4  # keys at most WINDOW - 1 positions back
+
+
+def sliding_window(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
+
+
+class FlexGPT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(128, 32)
+        self.blocks = nn.ModuleList(FlexBlock() for _ in range(2))
+        self.head = nn.Linear(32, 128)
+
+    def forward(self, idx):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(sliding_window, None, None, idx.shape[1], idx.shape[1], device=idx.device)
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x, mask)
+        return self.head(x)
+
+
+def flex_case():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    # flex_attention compiles its op on each call; a previous flex call in this process would make
+    # the thermometer warn that torch.compile ran before it attached (see tests/test_thermometer.py).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = FlexGPT()
+    names = ["blocks.0", "blocks.1"]
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+
+    def qk(mod, args, out):
+        q, k, _ = mod.qk(args[0].detach())
+        k = k.repeat_interleave(mod.heads // mod.kv_heads, dim=1)
+        bias = -mod.slopes.view(1, -1, 1, 1) * (i - j)  # (1, H, L, S)
+        return q, k, mod.hd**-0.5, sliding_window(None, None, i, j), bias
+
+    run = lambda m, i: F.cross_entropy(m(ids_batch(i)).flatten(0, 1), ids_batch(50).flatten())  # noqa: E731
+    return model, run, names, lambda m: QKCapture(m, names, qk).take
+
+
+def test_flex_attention_score_mod_and_block_mask():
+    """Forwards only: torch cannot differentiate flex_attention on CPU (see the next test)."""
+    model, run, names, ref = flex_case()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        # torch's own note that eager flex_attention materialises the scores
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        check(model, run, names, ref, backward=False)
+
+
+def test_flex_attention_grad_norm():
+    model, run, names, ref = flex_case()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         try:
-            flex_attention(q, q, q, score_mod=lambda s, b, h, i, j: s + (i - j) * 0.1).sum().backward()
+            run(model, 0).backward()
         except NotImplementedError as e:
-            pytest.skip(f"flex_attention cannot train on CPU here: {e}")
-    pytest.fail("flex_attention trains on CPU now: thermo must read its logits (score_mod, block "
-                "mask) and the zoo must check a flex model")
+            pytest.skip(f"torch {torch.__version__} cannot differentiate flex_attention here: {e}")
+        model.zero_grad()
+        check(model, run, names, ref)
 
 
 # -- torch.compile (attached first, then compiled) ----------------------------------------------

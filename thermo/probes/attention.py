@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from thermo.probes.activations import update_max, update_min
-from thermo.probes.logits import Logits, mha_logits, sdpa_logits, softmax_logits
+from thermo.probes.logits import Logits, flex_logits, mha_logits, sdpa_logits, softmax_logits
 
 _SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
 # Products of two activations (q @ kᵀ); a softmax over a tensor of the same trailing shape in the
@@ -19,6 +19,21 @@ _SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.nn.funct
 _MATMUL_FUNCS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
                  torch.baddbmm, torch.Tensor.baddbmm, torch.einsum}
 _ATTENTION_FUNCS = {F.scaled_dot_product_attention, F.multi_head_attention_forward} | _SOFTMAX_FUNCS | _MATMUL_FUNCS
+
+
+def _flex_op():
+    """The higher-order op that ``torch.nn.attention.flex_attention`` calls: what a
+    TorchFunctionMode sees of it (None on a torch without it)."""
+    try:
+        from torch._higher_order_ops.flex_attention import flex_attention
+    except ImportError:
+        return None
+    return flex_attention
+
+
+_FLEX = _flex_op()
+if _FLEX is not None:
+    _ATTENTION_FUNCS.add(_FLEX)
 
 
 @dataclass
@@ -60,7 +75,7 @@ class AttentionProbe(TorchFunctionMode):
     """Sees the attention logits of one attention module.
 
     Pushed by the module's forward pre-hook and popped by its forward hook, so it only sees the
-    calls made inside that module. It reads three ways of computing attention:
+    calls made inside that module. It reads four ways of computing attention:
 
     * ``F.scaled_dot_product_attention`` (the logits never exist): a bound every step from the
       q and k norms, the exact extremes on sampled steps (a second, chunked QKᵀ, plus the
@@ -68,7 +83,10 @@ class AttentionProbe(TorchFunctionMode):
     * an explicit ``softmax`` over the last dim of a >= 3-d tensor: its input is the logits,
       taken on sampled steps, with masked entries (-inf or near the dtype's minimum) left out;
     * ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): q and k are rebuilt from
-      its input projection on sampled steps.
+      its input projection on sampled steps;
+    * ``flex_attention`` (seen as its higher-order op, inside the compile it makes): the score_mod
+      and the block mask's mask_mod are applied to a second, chunked QKᵀ on sampled steps; a
+      bound every step where there is no score_mod.
 
     ``exact`` is a plain attribute set by the thermometer between steps; under torch.compile it
     is guarded, so sampled and unsampled steps are two cached graphs, not a recompile per step.
@@ -108,6 +126,9 @@ class AttentionProbe(TorchFunctionMode):
                 got = mha_logits(args, kwargs)
                 if got is not None:
                     self.record(got)
+        elif func is _FLEX:
+            if self.exact or self.bound:
+                self.record(flex_logits(self.exact, self.bound, *args, **kwargs))
         return func(*args, **kwargs)
 
     def record(self, got: Logits, per_head: bool = True) -> None:
@@ -140,7 +161,7 @@ class AttentionProbe(TorchFunctionMode):
 class Found:
     """What the finder saw of one module: attention computed in it or below it."""
 
-    kinds: set[str] = field(default_factory=set)  # "sdpa", "softmax", "mha" made by this module itself
+    kinds: set[str] = field(default_factory=set)  # "sdpa", "softmax", "mha", "flex" made by this module itself
     inside: bool = False  # some attention call ran while this module was on the stack
     heads: int | None = None
     measured: list[Logits] = field(default_factory=list)
@@ -151,8 +172,8 @@ class AttentionFinder(TorchFunctionMode):
 
     Every module gets a pre-hook and a forward hook that keep the stack of modules being run; the
     outermost one pushes this mode, which sees every torch function call in the forward. A call
-    of ``scaled_dot_product_attention``, ``multi_head_attention_forward`` or a softmax over the
-    last dim of a q @ kᵀ product is attributed to the innermost module running (for the softmax:
+    of ``scaled_dot_product_attention``, ``flex_attention`` (its higher-order op),
+    ``multi_head_attention_forward`` or a softmax over the last dim of a q @ kᵀ product is attributed to the innermost module running (for the softmax:
     the innermost one that made the product, so an ``nn.Softmax`` child counts for its parent).
     Hugging Face's attention-function registry (``ALL_ATTENTION_FUNCTIONS``: sdpa, eager) ends in
     those calls, so it counts wherever the module calls it. The logits of these first forwards
@@ -212,6 +233,8 @@ class AttentionFinder(TorchFunctionMode):
         if func in _ATTENTION_FUNCS and self.stack:
             if func is F.scaled_dot_product_attention:
                 self._found(self.stack[-1], "sdpa", sdpa_logits(self.exact, self.bound, *args, **kwargs))
+            elif func is _FLEX:
+                self._found(self.stack[-1], "flex", flex_logits(self.exact, self.bound, *args, **kwargs))
             elif func is F.multi_head_attention_forward:
                 got = mha_logits(args, kwargs) if self.exact else None
                 self._found(self.stack[-1], "mha", got or Logits(None, None, None, args[4] if len(args) > 4

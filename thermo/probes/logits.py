@@ -78,12 +78,14 @@ def _rows(t: torch.Tensor | None, L: int, start: int, stop: int):
     return t
 
 
-def exact_logit_extremes(q, k, scale, allowed, additive=None) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_logit_extremes(q, k, scale, allowed, additive=None, mods=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head max and min of q·kᵀ·scale + additive over the allowed positions, in fp32.
 
     q: (B, H, L, E), k: (B, H, S, E); allowed (bool) and additive (float): None or broadcastable
-    to (B, H, L, S). Returns two (H,) tensors. Query rows are processed in chunks so the
-    materialised logits stay below `_LOGIT_CHUNK_ELEMS` elements.
+    to (B, H, L, S). `mods`, if given, maps the (B, H, rows, S) scores of query rows
+    ``start:start+rows`` to (logits, allowed) (flex_attention's score_mod and mask_mod). Returns
+    two (H,) tensors. Query rows are processed in chunks so the materialised logits stay below
+    `_LOGIT_CHUNK_ELEMS` elements.
     """
     B, H, L, _ = q.shape
     S = k.shape[-2]
@@ -97,7 +99,10 @@ def exact_logit_extremes(q, k, scale, allowed, additive=None) -> tuple[torch.Ten
         add = _rows(additive, L, start, stop)
         if add is not None:
             logits = logits + add.detach().float()
-        mx, mn = _masked_extremes(logits, _rows(allowed, L, start, stop), (0, 2, 3))
+        keep = _rows(allowed, L, start, stop)
+        if mods is not None:
+            logits, keep = mods(logits, start)
+        mx, mn = _masked_extremes(logits, keep, (0, 2, 3))
         maxes.append(mx.expand(H))
         mins.append(mn.expand(H))
     if len(maxes) == 1:
@@ -160,6 +165,56 @@ def sdpa_logits(exact: bool, bound: bool, query, key, value=None, attn_mask=None
         mx = mn = None
         if exact:
             mx, mn = exact_logit_extremes(q, k, scale, allowed, additive)
+        return Logits(mx, mn, b, q.shape[-3])
+
+
+class _FlexMods:
+    """flex_attention's score_mod and mask_mod over a chunk of query rows, vectorised by
+    broadcasting: b, h, q_idx and kv_idx are aranges shaped (B,1,1,1), (1,H,1,1), (1,1,rows,1)
+    and (1,1,1,S), so a score_mod written with tensor ops (as flex_attention requires) gives the
+    (B, H, rows, S) scores its kernel computes. A position is masked where mask_mod is False or
+    the modified score is ``-inf`` or at or below ``finfo.min / 2`` (a NaN score stays in)."""
+
+    def __init__(self, score_mod, mask_mod, score_buffers=(), mask_buffers=()):
+        self.score_mod, self.mask_mod = score_mod, mask_mod
+        self.score_buffers, self.mask_buffers = tuple(score_buffers), tuple(mask_buffers)
+
+    def __call__(self, scores: torch.Tensor, start: int):
+        B, H, rows, S = scores.shape
+        dev = scores.device
+        b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        h = torch.arange(H, device=dev).view(1, H, 1, 1)
+        i = torch.arange(start, start + rows, device=dev).view(1, 1, rows, 1)
+        j = torch.arange(S, device=dev).view(1, 1, 1, S)
+        logits = torch.broadcast_to(self.score_mod(scores, b, h, i, j, *self.score_buffers), scores.shape)
+        keep = ~(logits <= torch.finfo(logits.dtype).min / 2)
+        if self.mask_mod is not None:
+            keep = keep & torch.broadcast_to(self.mask_mod(b, h, i, j, *self.mask_buffers), scores.shape)
+        return logits.float(), keep
+
+
+def flex_logits(exact: bool, bound: bool, query, key, value, score_mod, block_mask, scale,
+                kernel_options=None, score_mod_other_buffers=(), mask_mod_other_buffers=(), **_) -> Logits:
+    """What the arguments of the ``flex_attention`` higher-order op say about its logits: the
+    scores its softmax sees, ``score_mod(q·kᵀ·scale, b, h, q_idx, kv_idx)`` where the block
+    mask's mask_mod allows (the definition the block mask's blocks are built from).
+
+    The op is what a ``TorchFunctionMode`` sees of ``torch.nn.attention.flex_attention`` (which
+    compiles it, tracing the mode's ``__torch_function__`` with it): q, k, v (B, H, L, E), the
+    score_mod, the block mask as a tuple ending in its mask_mod, the resolved scale. The bound
+    (max‖q‖·max‖k‖·scale) is given only without a score_mod, which could add anything."""
+    from torch.nn.attention.flex_attention import _identity
+
+    q, k = query, _expand_kv_heads(query, key)
+    if k.shape[0] != q.shape[0]:
+        k = k.expand(q.shape[0], *k.shape[1:])  # one kv batch for every query batch
+    mask_mod = block_mask[-1] if isinstance(block_mask, tuple) and block_mask else None
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        b = logit_bound(q, k, scale) if bound and score_mod is _identity else None
+        mx = mn = None
+        if exact:
+            mods = _FlexMods(score_mod, mask_mod, score_mod_other_buffers, mask_mod_other_buffers)
+            mx, mn = exact_logit_extremes(q, k, scale, None, None, mods)
         return Logits(mx, mn, b, q.shape[-3])
 
 
