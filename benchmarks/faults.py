@@ -38,6 +38,7 @@ import torch
 
 import thermo
 from thermo._io import RunDirError
+from thermo.rundir import RunDir
 from thermo.store import Store, StoreError
 from thermo.supervisor import Supervisor, SupervisorError
 
@@ -91,7 +92,7 @@ class Readers:
     def _loop(self, read, every):
         while not self.stop.is_set():
             try:
-                if (self.run / "thermo.db").exists():
+                if RunDir(self.run).db.exists():
                     read()
                     self.reads += 1
             except StoreError as e:
@@ -131,7 +132,7 @@ def run_scenario(name: str, root: Path) -> dict:
     config = dataclasses.replace(FAST, **overrides)
     if args == "bad":
         run.mkdir()
-        (run / "blacklist.json").write_text("{ not json")
+        RunDir(run).blacklist.write_text("{ not json")
         t0 = time.time()
         try:
             Supervisor(run, TRAIN, config, env=ENV).run()

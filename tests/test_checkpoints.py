@@ -20,13 +20,13 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from thermo._io import RunDirError
 from thermo.checkpoints import (
-    MANIFEST_NAME,
     CheckpointConfig,
     Checkpoints,
     rebuild_manifest,
 )
 from thermo.checkpoints.manifest import recorded_backend
 from thermo.gpt import GPT, GPTConfig
+from thermo.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=16, dropout=0.1)
@@ -179,7 +179,7 @@ def test_health_transitions(tmp_path):
         (10, "good"), (20, "good"), (30, "bad"), (40, "bad"),
     ]
     assert "onset step 25" in again.entries[2].note
-    obj = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    obj = json.loads(RunDir(tmp_path).manifest.read_text())
     assert obj["format"] == "thermo.manifest" and obj["version"] == 1
     assert obj["checkpoints"][0]["data"] == {"cursor": 10}
 
@@ -304,7 +304,7 @@ def test_stray_folder_is_never_loaded(tmp_path):
 def test_missing_manifest_with_folders_is_a_clear_error_and_rebuild(tmp_path):
     ckpts = Checkpoints(tmp_path, keep_last=5)
     save_steps(ckpts, [10, 20])
-    (tmp_path / MANIFEST_NAME).unlink()
+    RunDir(tmp_path).manifest.unlink()
     with pytest.raises(RunDirError, match="is missing but .* holds 2 checkpoint folders") as err:
         Checkpoints(tmp_path)
     assert "rebuild_manifest" in str(err.value) and "\n" not in str(err.value)
@@ -319,7 +319,7 @@ def test_missing_manifest_with_folders_is_a_clear_error_and_rebuild(tmp_path):
 
 def test_fresh_run_dir_gets_an_empty_manifest(tmp_path):
     assert Checkpoints(tmp_path / "new").entries == []
-    assert json.loads((tmp_path / "new" / MANIFEST_NAME).read_text())["checkpoints"] == []
+    assert json.loads(RunDir(tmp_path / "new").manifest.read_text())["checkpoints"] == []
 
 
 @pytest.mark.parametrize(
@@ -344,11 +344,11 @@ def test_fresh_run_dir_gets_an_empty_manifest(tmp_path):
 def test_corrupt_manifest_is_one_clear_error_and_nothing_deleted(tmp_path, content, match):
     ckpts = Checkpoints(tmp_path)
     save_steps(ckpts, [10])
-    (tmp_path / MANIFEST_NAME).write_text(content)
+    RunDir(tmp_path).manifest.write_text(content)
     with pytest.raises(RunDirError, match=match) as err:
         Checkpoints(tmp_path)
-    assert str(tmp_path / MANIFEST_NAME) in str(err.value) and "\n" not in str(err.value)
-    assert (tmp_path / MANIFEST_NAME).read_text() == content
+    assert str(RunDir(tmp_path).manifest) in str(err.value) and "\n" not in str(err.value)
+    assert RunDir(tmp_path).manifest.read_text() == content
     assert folders(tmp_path) == ["step_00000010"]
 
 
@@ -384,7 +384,7 @@ def two_rank_run(tmp_path_factory):
 def test_two_rank_save_restore_is_bit_exact_and_training_continues(two_rank_run, mode):
     out, result = two_rank_run
     r = result[mode]
-    manifest = json.loads((out / mode / MANIFEST_NAME).read_text())["checkpoints"]
+    manifest = json.loads(RunDir(out / mode).manifest.read_text())["checkpoints"]
     assert [(e["step"], e["health"], e["world_size"]) for e in manifest] == [(3, "good", 2)]
     shards = sorted(p.name for p in (out / mode / manifest[0]["path"]).glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own part
@@ -465,7 +465,7 @@ def test_the_manifest_holds_a_checksum_of_every_file(tmp_path):
 
     ckpts = Checkpoints(tmp_path, keep_last=5, good_after=0)
     save_steps(ckpts, [10])
-    (entry,) = json.loads((tmp_path / MANIFEST_NAME).read_text())["checkpoints"]
+    (entry,) = json.loads(RunDir(tmp_path).manifest.read_text())["checkpoints"]
     folder = tmp_path / "checkpoints" / "step_00000010"
     on_disk = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert sorted(entry["files"]) == on_disk and ".metadata" in on_disk and "thermo.json" in on_disk
@@ -516,7 +516,7 @@ def test_judging_a_checkpoint_never_unpickles(tmp_path):
     meta.write_bytes(pickle.dumps(_Boom()))
     with pytest.warns(RuntimeWarning, match=r"\.metadata has 1\d\d bytes"):
         assert Checkpoints(tmp_path / "run").newest_good().step == 10
-    manifest = tmp_path / "run" / MANIFEST_NAME
+    manifest = RunDir(tmp_path / "run").manifest
     obj = json.loads(manifest.read_text())
     for e in obj["checkpoints"]:
         e.pop("files")

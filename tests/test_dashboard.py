@@ -23,6 +23,7 @@ import _viz  # noqa: E402
 
 from thermo import plots  # noqa: E402
 from thermo.dashboard import RunReader, create_app  # noqa: E402
+from thermo.rundir import RunDir  # noqa: E402
 from thermo.store import StepRecord, Store, StoreError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_reader_is_incremental_and_follows_rollbacks(tmp_path):
     assert run.scalars["step"].tolist() == list(range(10))
     assert reader.poll() is False and reader.run() is run  # nothing new: nothing redone
     store.write([_rec(s, loss=math.nan if s == 12 else 1.0) for s in range(10, 15)])
-    assert reader.poll() is True and reader._seen_scalars == {0: 14} and reader._seen_layers == {0: 14}
+    assert reader.poll() is True and reader._cursor.scalars == {0: 14} and reader._cursor.layers == {0: 14}
     run = reader.run()
     assert len(run.scalars) == 15 and math.isnan(run.scalars.set_index("step").loc[12, "loss"])
     # a rollback: attempt 1 resumes after step 5; attempt 0's steps 6..14 leave the timeline
@@ -98,17 +99,16 @@ def test_reader_never_waits_for_the_writer(tmp_path):
     reader = RunReader(tmp_path)
     assert reader.poll()
     # the trainer is in the middle of a write transaction: the reader neither waits nor sees it
-    writer = sqlite3.connect(tmp_path / "thermo.db", isolation_level=None)
+    writer = sqlite3.connect(RunDir(tmp_path).db, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
     writer.execute("INSERT INTO scalars VALUES (0, 99, 'loss', 1.0)")
     t0 = time.monotonic()
     assert reader.poll() is False
     assert time.monotonic() - t0 < 0.5
     # and while the reader reads, the writer commits at once (WAL: readers never block writers)
-    reader._conn.execute("BEGIN")
-    reader._conn.execute("SELECT COUNT(*) FROM scalars").fetchone()
-    writer.execute("COMMIT")
-    reader._conn.execute("COMMIT")
+    with reader._store.snapshot():
+        reader._store.scalars()
+        writer.execute("COMMIT")
     assert reader.poll() is True and reader.run().scalars["step"].max() == 99
     writer.close()
     store.close()

@@ -12,13 +12,13 @@ import torch
 
 from thermo._io import RunDirError
 from thermo.data import (
-    BLACKLIST_NAME,
     BatchLedger,
     Blacklist,
     ResumableSampler,
     StatefulLoader,
 )
 from thermo.data.blacklist import IdSet
+from thermo.rundir import RunDir
 from thermo.store import Store
 
 N = 203  # not a multiple of the batch sizes, so epoch ends drop a remainder
@@ -159,7 +159,7 @@ def test_blacklist_missing_file_is_empty_and_round_trips(tmp_path):
     verdict = {"kind": "spike", "onset": 1380, "detection": 1412}
     assert bl.add([5, 3, 5], reason="loss spike", verdict=verdict, source="guard") == [3, 5]
     assert bl.add([3, 9], reason="again", source="user") == [9]
-    obj = json.loads((tmp_path / BLACKLIST_NAME).read_text())
+    obj = json.loads(RunDir(tmp_path).blacklist.read_text())
     assert obj["format"] == "thermo.blacklist" and obj["version"] == 2
     assert [(g["ids"], g["source"], g["count"]) for g in obj["groups"]] == [([3, 5], "guard", 2), ([9], "user", 1)]
     again = Blacklist.load(tmp_path)
@@ -198,7 +198,7 @@ def test_blacklist_accepts_a_verdict_dataclass(tmp_path):
     ],
 )
 def test_corrupt_or_foreign_blacklist_is_one_clear_error(tmp_path, content, match):
-    path = tmp_path / BLACKLIST_NAME
+    path = RunDir(tmp_path).blacklist
     path.write_text(content)
     with pytest.raises(RunDirError, match=match) as err:
         Blacklist.load(tmp_path)
@@ -261,13 +261,13 @@ def test_a_version_1_blacklist_is_read_and_kept_on_the_next_edit(tmp_path):
         {"id": 4, "reason": "spike", "verdict": {"onset_step": 3}, "time": 1.0, "source": "guard"},
         {"id": 5, "reason": "spike", "verdict": {"onset_step": 3}, "time": 1.0, "source": "guard"},
         {"id": 9, "reason": "by hand", "verdict": None, "time": 2.0, "source": "user"}]}
-    (tmp_path / BLACKLIST_NAME).write_text(json.dumps(v1))
+    RunDir(tmp_path).blacklist.write_text(json.dumps(v1))
     bl = Blacklist.load(tmp_path)
     assert bl.ids == {4, 5, 9} and bl.entries[5].verdict == {"onset_step": 3} and bl.entries[9].source == "user"
     bl.add([10], reason="new")
     again = Blacklist.load(tmp_path)
     assert again.ids == {4, 5, 9, 10} and again.entries[4].reason == "spike"
-    assert json.loads((tmp_path / BLACKLIST_NAME).read_text())["version"] == 2
+    assert json.loads(RunDir(tmp_path).blacklist.read_text())["version"] == 2
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -296,7 +296,7 @@ def test_a_million_ids_are_added_in_well_under_a_second_in_a_file_of_a_few_mb(tm
     bl = Blacklist.load(tmp_path)
     assert bl.add([10**9], reason="one more") == [10**9]
     one = time.perf_counter() - t
-    size = (tmp_path / BLACKLIST_NAME).stat().st_size
+    size = RunDir(tmp_path).blacklist.stat().st_size
     # Measured 0.5 s and 0.4 s on 2 busy cores (was 53 s and 2.2 GB for one id); bounds for load.
     assert first < 3.0 and one < 3.0 and size < 5e6, (first, one, size)
     again = Blacklist.load(tmp_path)
@@ -309,7 +309,7 @@ def test_a_range_of_a_hundred_billion_ids_is_never_materialised(tmp_path):
     assert len(added) == 100_000_000_001 and added.ranges() == [(0, 100_000_000_000)]
     again = Blacklist.load(tmp_path)
     assert 99_999_999_999 in again and 100_000_000_001 not in again and len(again) == 100_000_000_001
-    assert (tmp_path / BLACKLIST_NAME).stat().st_size < 1000
+    assert RunDir(tmp_path).blacklist.stat().st_size < 1000
     assert again.remove_set(IdSet.from_ranges([(10, 19)])).ranges() == [(10, 19)]
     assert Blacklist.load(tmp_path).ids.ranges() == [(0, 9), (20, 100_000_000_000)]
     s = ResumableSampler(N, 4, seed=0, blacklist=Blacklist.load(tmp_path).ids | {15})
@@ -325,10 +325,10 @@ def test_blacklist_and_control_files_follow_the_umask(tmp_path):
         Blacklist(tmp_path).add([1], reason="x")
     finally:
         os.umask(old)
-    assert (tmp_path / BLACKLIST_NAME).stat().st_mode & 0o777 == 0o664
-    os.chmod(tmp_path / BLACKLIST_NAME, 0o640)  # a mode someone chose is kept across edits
+    assert RunDir(tmp_path).blacklist.stat().st_mode & 0o777 == 0o664
+    os.chmod(RunDir(tmp_path).blacklist, 0o640)  # a mode someone chose is kept across edits
     Blacklist(tmp_path).add([2], reason="x")
-    assert (tmp_path / BLACKLIST_NAME).stat().st_mode & 0o777 == 0o640
+    assert RunDir(tmp_path).blacklist.stat().st_mode & 0o777 == 0o640
 
 
 # -- ledger -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Thermometer": "thermo.thermometer",
     "ThermometerConfig": "thermo.thermometer",
+    "RunDir": "thermo.rundir",
     "Store": "thermo.store",
     "StepRecord": "thermo.store",
     "Run": "thermo.store",
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from thermo.checkpoints import CheckpointConfig, Checkpoints
     from thermo.data import BatchLedger, Blacklist, ResumableSampler, StatefulLoader
     from thermo.detector import Detector, DetectorConfig, Verdict, detect_run
+    from thermo.rundir import RunDir
     from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig, Watch
     from thermo.sinks import TensorBoardSink, WandbSink
     from thermo.supervisor import Supervisor, SupervisorConfig

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from thermo.rundir import RunDir
+
 
 class RunDirError(RuntimeError):
     """A file in the run directory is missing, torn, foreign or of an incompatible version."""
@@ -105,7 +107,6 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
 
 # -- one writer per run directory ----------------------------------------------------------------
 
-WRITER_LOCK = ".writer.lock"
 WRITER_TOKEN_ENV = "THERMO_WRITER_TOKEN"
 _held: dict[str, tuple[int, int, str]] = {}  # run directory -> (lock fd, users in this process, token)
 
@@ -142,7 +143,7 @@ class WriterLock:
             _held[self.key] = (fd, n + 1, token)
             self.fd, self.token = fd, token
             return self
-        path = self.run_dir / WRITER_LOCK
+        path = RunDir(self.run_dir).writer_lock
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -192,7 +193,7 @@ def _holder(info: dict) -> str:
         return "a process that did not say who it is"
     if host == socket.gethostname() and not _alive(pid):
         return (f"{role} pid {pid} took the lock at {since} and has died, but a process it started "
-                f"still holds it (an orphaned trainer?): find it with fuser -v {WRITER_LOCK}")
+                f"still holds it (an orphaned trainer?): find it with fuser -v {RunDir.WRITER_LOCK}")
     return f"{role} pid {pid} on host {host}, since {since}"
 
 

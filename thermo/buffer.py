@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from thermo import _dist
 
@@ -131,13 +130,13 @@ class StatsBuffer:
         left = self.ring_max[:rows]
         enc = torch.where(torch.isnan(left), float("inf"),
                           torch.where(left == float("inf"), _F32_MAX, left))
-        dist.all_reduce(enc, op=dist.ReduceOp.MAX)
+        _dist.max_(enc)
         dec = torch.where(enc == float("inf"), float("nan"),
                           torch.where(enc == _F32_MAX, float("inf"), enc))
         left.copy_(dec)
         if self.n_sum:
             right = self.ring_sum[:rows].contiguous()
-            dist.all_reduce(right, op=dist.ReduceOp.SUM)
+            _dist.sum_(right)
             self.ring_sum[:rows].copy_(right / world)
 
     def copy_out(self) -> torch.cuda.Event | None:

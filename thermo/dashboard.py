@@ -19,7 +19,6 @@ from pathlib import Path
 
 from thermo import plots
 from thermo.plots.reader import RunReader, read_run
-from thermo.store import DB_NAME
 
 __all__ = ["RunReader", "create_app", "create_compare_app", "read_run", "serve"]
 
@@ -176,8 +175,8 @@ def create_app(run_dir: str | os.PathLike | list, layout: dict | str | os.PathLi
         keep = [dash.no_update] * len(panels)
         rest = [dash.no_update] * (1 + len(heat))
         control = dash.callback_context.triggered_id not in (None, "thermo-tick")
-        if reader._conn is None:
-            waiting = f"{now} (waiting: {reader.error or f'no {Path(run_dir) / DB_NAME} yet'})"
+        if not reader.connected:
+            waiting = f"{now} (waiting: {reader.error})"
             return keep + [dash.no_update] * (len(status_ids) - 1) + [waiting, dash.no_update] + rest
         if reader.version == shown_version and not control:
             return keep + [dash.no_update] * (len(status_ids) - 1) + [now, dash.no_update] + rest
@@ -213,7 +212,7 @@ def create_app(run_dir: str | os.PathLike | list, layout: dict | str | os.PathLi
             points = (click or {}).get("points") or []
             if points and points[0].get("y") is not None:
                 chosen = str(points[0]["y"])
-        if reader._conn is None:
+        if not reader.connected:
             return dash.no_update, dash.no_update, dash.no_update
         run = reader.run()
         hint = "click a heatmap row to see that layer's curves"
@@ -276,7 +275,7 @@ def create_compare_app(run_dirs: list, refresh_s: float = 2.0):
             return [dash.no_update] * (len(names) + 2)
         runs, heads = {}, []
         for n, (name, r) in enumerate(zip(names, readers)):
-            if r._conn is None:
+            if not r.connected:
                 heads.append(f"waiting: {r.error or 'no store yet'}")
                 continue
             run = r.run()

@@ -17,6 +17,7 @@ from pathlib import Path
 from thermo import plots
 from thermo._io import atomic_write_bytes
 from thermo.plots.reader import read_run
+from thermo.rundir import RunDir
 
 _CSS = """
 body { font-family: sans-serif; margin: 16px 24px; color: #222; }
@@ -33,9 +34,6 @@ h2 { font-size: 18px; margin: 18px 0 4px 0; }
 .generated { color: #777; font-size: 12px; }
 """
 
-# Names a report must never be written over: the run directory's own files.
-_RUN_FILES = {"thermo.db", "thermo.db-wal", "thermo.db-shm", "manifest.json", "blacklist.json",
-              "config.json", "heartbeat.json"}
 # plotly.js from the CDN (``cdn=True``): the version the inlined copy would have been.
 _CDN = "https://cdn.plot.ly/plotly-{version}.min.js"
 
@@ -54,7 +52,7 @@ def check_output(path: str | os.PathLike, run_dirs) -> Path:
     inside = [Path(d).resolve() for d in run_dirs if resolved.parent == Path(d).resolve()
               or Path(d).resolve() in resolved.parents]
     html_name = path.suffix.lower() in (".html", ".htm")
-    if path.name in _RUN_FILES or (inside and not html_name) or (path.exists() and not html_name):
+    if path.name in RunDir.file_names() or (inside and not html_name) or (path.exists() and not html_name):
         where = f" inside run directory {inside[0]}" if inside else ""
         raise ValueError(f"refusing to write the report over {path}{where}: it is not an HTML file "
                          "and may be a run file. Choose an output ending in .html, e.g. -o report.html")

@@ -46,8 +46,8 @@ from typing import Any
 import pandas as pd
 
 from thermo._io import RunDirError, WriterLock
+from thermo.rundir import RunDir
 
-DB_NAME = "thermo.db"
 SCHEMA_VERSION = 1
 # PRAGMA application_id marks the file as ours ("THMO"), so a foreign SQLite file is refused.
 APPLICATION_ID = 0x54484D4F
@@ -147,6 +147,8 @@ class Store:
         lock: a writer takes the run directory's `WriterLock` (one writer per run directory;
             a second is refused with `RunDirError`). False for processes that only add events
             beside the writer (``thermo blacklist``, the supervisor, which holds the lock itself).
+        timeout: seconds to wait for a busy file (a display prefers a stale frame to a wait).
+        shared: a connection other threads may use (a web server's), under the caller's lock.
 
     Example:
         >>> store = Store("runs/exp1")
@@ -154,10 +156,12 @@ class Store:
         >>> store.scalars()
     """
 
-    def __init__(self, run_dir: str | os.PathLike, readonly: bool = False, *, lock: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, readonly: bool = False, *, lock: bool = True,
+                 timeout: float = BUSY_TIMEOUT_MS / 1e3, shared: bool = False):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / DB_NAME
+        self.path = RunDir(run_dir).db
         self.readonly = readonly
+        self._timeout, self._shared = timeout, shared
         self._series: dict[tuple[str, str], int] = {}
         self._owned: set[int] = set()  # attempts this writer opened or found empty
         self._moved: dict[int, int] = {}  # an earlier launch's attempt -> the one written instead
@@ -184,18 +188,21 @@ class Store:
                 )
             uri = readonly_uri(self.path)
             try:
-                conn = self._open(lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1e3))
+                conn = self._open(lambda: self._sqlite(uri, uri=True))
             except StoreError as first:
                 conn = self._open_immutable(uri, first)
         else:
-            conn = self._open(lambda: sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1e3))
+            conn = self._open(lambda: self._sqlite(self.path))
         self._check_and_init(conn)
         return conn
+
+    def _sqlite(self, target, uri: bool = False) -> sqlite3.Connection:
+        return sqlite3.connect(target, uri=uri, timeout=self._timeout, check_same_thread=not self._shared)
 
     def _open(self, connect) -> sqlite3.Connection:
         try:
             conn = connect()
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
             # Reading the header here turns "not a database" into our error, not a later one.
             conn.execute("PRAGMA application_id").fetchone()
             return conn
@@ -223,8 +230,7 @@ class Store:
                     "place and read it there."
                 )
             raise first
-        return self._open(lambda: sqlite3.connect(uri + "&immutable=1", uri=True,
-                                                  timeout=BUSY_TIMEOUT_MS / 1e3))
+        return self._open(lambda: self._sqlite(uri + "&immutable=1", uri=True))
 
     def _foreign_message(self, why: str) -> str:
         return (
@@ -465,6 +471,40 @@ class Store:
         df["end_step"] = later_min.fillna(2**62).astype("int64")
         return df
 
+    @_reading
+    def news(self, cursor: Cursor) -> News:
+        """What the run wrote past `cursor`, read in one snapshot (a flush is in all of it or in
+        none), and `cursor` moved past it: per attempt the scalar and per-layer rows after the
+        last step read, the events after the last id, and the attempts and meta as they are now.
+        What the dashboard and the report's reader poll."""
+        with self.snapshot():
+            attempts = self.attempts()
+            meta = self.meta()
+            scalars, layers = [], []
+            for a in attempts["attempt"].tolist():
+                s = self._tail("SELECT attempt, step, key, value FROM scalars WHERE attempt = ? AND step > ?",
+                               a, cursor.scalars)
+                if s is not None:
+                    wide = s.pivot(index=["attempt", "step"], columns="key", values="value")
+                    wide.columns.name = None
+                    scalars.append(wide.reset_index())
+                lay = self._tail("SELECT attempt, step, layer, stat, value FROM layer_stats "
+                                 "WHERE attempt = ? AND step > ?", a, cursor.layers)
+                if lay is not None:
+                    layers.append(lay)
+            events = self._events("WHERE id > ?", (cursor.event,))
+        if len(events):
+            cursor.event = int(events["id"].max())
+        return News(attempts=attempts, meta=meta, scalars=scalars, layers=layers, events=events)
+
+    def _tail(self, sql: str, attempt: int, seen: dict[int, int]) -> pd.DataFrame | None:
+        df = pd.read_sql_query(sql, self._conn, params=(attempt, seen.get(attempt, -(2**62))))
+        if df.empty:
+            return None
+        df["value"] = df["value"].astype("float64")  # NULL (NaN in SQLite) -> NaN
+        seen[attempt] = int(df["step"].max())
+        return df
+
     def _effective_clause(self, table: str) -> str:
         return (
             f"{table}.step <= (SELECT COALESCE(MIN(a.start_step), {2**62}) FROM attempts a "
@@ -493,17 +533,15 @@ class Store:
     @_reading
     def layer_stats(self, effective: bool = True, stats: Iterable[str] | None = None) -> pd.DataFrame:
         """Per-layer statistics in long form: attempt, step, layer, stat, value."""
-        clauses = [self._effective_clause("l")] if effective else []
+        clauses = [self._effective_clause("layer_stats")] if effective else []
         params: list[str] = []
         if stats is not None:
             stats = list(stats)
-            clauses.append(f"s.stat IN ({','.join('?' * len(stats))})")
+            clauses.append(f"stat IN ({','.join('?' * len(stats))})")
             params.extend(stats)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         df = pd.read_sql_query(
-            "SELECT l.attempt AS attempt, l.step AS step, s.layer AS layer, s.stat AS stat, "
-            f"l.value AS value FROM layers l JOIN series s ON s.id = l.series {where} "
-            "ORDER BY l.step, l.attempt",
+            f"SELECT attempt, step, layer, stat, value FROM layer_stats {where} ORDER BY step, attempt",
             self._conn,
             params=params,
         )
@@ -511,10 +549,14 @@ class Store:
         return df
 
     @_reading
-    def events(self) -> pd.DataFrame:
+    def events(self, after_id: int = 0) -> pd.DataFrame:
+        """The events (id, time, attempt, step, kind, message, data) with an id above `after_id`."""
+        return self._events("WHERE id > ?", (after_id,))
+
+    def _events(self, where: str = "", params: tuple = ()) -> pd.DataFrame:
         df = pd.read_sql_query(
-            "SELECT id, time, attempt, step, kind, message, data FROM events ORDER BY id",
-            self._conn,
+            f"SELECT id, time, attempt, step, kind, message, data FROM events {where} ORDER BY id",
+            self._conn, params=params,
         )
         df["data"] = df["data"].map(json.loads)
         return df
@@ -540,7 +582,8 @@ class Store:
 
     def _records(self, effective: bool, after_step: int) -> list[StepRecord]:
         where_s = f"scalars.step > ? AND {self._effective_clause('scalars')}" if effective else "scalars.step > ?"
-        where_l = f"l.step > ? AND {self._effective_clause('l')}" if effective else "l.step > ?"
+        where_l = (f"step > ? AND {self._effective_clause('layer_stats')}" if effective
+                   else "step > ?")
         by_key: dict[tuple[int, int], StepRecord] = {}
         for attempt, step, key, value in self._conn.execute(
             f"SELECT attempt, step, key, value FROM scalars WHERE {where_s}", (after_step,)
@@ -548,8 +591,7 @@ class Store:
             rec = by_key.setdefault((step, attempt), StepRecord(step=step, attempt=attempt))
             rec.scalars[key] = _py_value(value)
         for attempt, step, layer, stat, value in self._conn.execute(
-            "SELECT l.attempt, l.step, s.layer, s.stat, l.value FROM layers l "
-            f"JOIN series s ON s.id = l.series WHERE {where_l}",
+            f"SELECT attempt, step, layer, stat, value FROM layer_stats WHERE {where_l}",
             (after_step,),
         ):
             rec = by_key.setdefault((step, attempt), StepRecord(step=step, attempt=attempt))
@@ -560,6 +602,27 @@ class Store:
     def last_step(self) -> int | None:
         (step,) = self._conn.execute("SELECT MAX(step) FROM scalars").fetchone()
         return step
+
+
+@dataclass
+class Cursor:
+    """How far an incremental reader got (`Store.news`): per attempt the last step read of the
+    scalars and of the per-layer rows, and the last event id."""
+
+    scalars: dict[int, int] = field(default_factory=dict)
+    layers: dict[int, int] = field(default_factory=dict)
+    event: int = 0
+
+
+@dataclass
+class News:
+    """What `Store.news` found: new rows, and the attempts and meta as they are now."""
+
+    attempts: pd.DataFrame
+    meta: dict[str, Any]
+    scalars: list[pd.DataFrame]  # wide (attempt, step, key...), one frame per attempt with rows
+    layers: list[pd.DataFrame]  # long (attempt, step, layer, stat, value)
+    events: pd.DataFrame
 
 
 @dataclass

@@ -33,6 +33,7 @@ from thermo.probes import (
     pattern_candidates,
     unwrap,
 )
+from thermo.rundir import RunDir
 from thermo.store import StepRecord, Store
 
 
@@ -248,7 +249,7 @@ class Thermometer:
             self.attempt = self.store.current_attempt()
             self.store.set_meta("layers", [asdict(layer) for layer in self.layers])
             self.store.set_meta("thermometer", asdict(cfg))
-            atomic_write_json(self.run_dir / "config.json", {"thermometer": asdict(cfg)})
+            atomic_write_json(RunDir(self.run_dir).config, {"thermometer": asdict(cfg)})
 
     # -- attaching -------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from thermo.data import ResumableSampler
 from thermo.detector import DetectorConfig
 from thermo.gpt import GPT, GPTConfig
 from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig
+from thermo.rundir import RunDir
 from thermo.thermometer import ThermometerConfig
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -338,7 +339,7 @@ def train(args) -> Summary:
     sampler = ResumableSampler(data, args.batch_size, seed=args.seed)
     poisoned = poison_ids(args, len(data))
     faults = _Faults(args, run_dir, len(data))  # fault injection for tests; inert unless asked
-    if args.resume == "never" and (run_dir / "manifest.json").exists():
+    if args.resume == "never" and RunDir(run_dir).holds_run():
         raise SystemExit(f"train_gpt: {run_dir} already holds a run; pass --resume auto or another --run-dir")
 
     pairs = [tuple(int(i) for i in p.split(":")) for p in args.poison_pairs.split(",") if p.strip()]

@@ -44,7 +44,6 @@ from thermo.checkpoints.config import CheckpointConfig
 from thermo.checkpoints.manifest import (
     HEALTH,
     MANIFEST_FORMAT,
-    MANIFEST_NAME,
     MANIFEST_VERSION,
     STATE_FORMAT,
     STATE_NAME,
@@ -55,7 +54,6 @@ from thermo.checkpoints.manifest import (
 __all__ = [
     "HEALTH",
     "MANIFEST_FORMAT",
-    "MANIFEST_NAME",
     "MANIFEST_VERSION",
     "STATE_FORMAT",
     "STATE_NAME",

@@ -18,8 +18,8 @@ from thermo import _dist
 from thermo._io import RunDirError, atomic_write_json, read_json
 from thermo.checkpoints.backends import CheckpointBackend, DCPBackend, backend_name
 from thermo.checkpoints.config import CheckpointConfig
+from thermo.rundir import RunDir
 from thermo.checkpoints.manifest import (
-    MANIFEST_NAME,
     STATE_FORMAT,
     STATE_NAME,
     CheckpointEntry,
@@ -68,8 +68,8 @@ class Checkpoints:
         self.run_dir = Path(run_dir)
         self.config = replace(config or CheckpointConfig(), **overrides)
         self.backend = backend if backend is not None else DCPBackend()
-        self.dir = self.run_dir / self.config.folder
-        self.manifest_path = self.run_dir / MANIFEST_NAME
+        self.dir = RunDir(run_dir).checkpoints_dir(self.config.folder)
+        self.manifest_path = RunDir(run_dir).manifest
         self._warned_budget = False
         # Every rank reads (so every rank raises alike on a broken manifest); rank 0 writes.
         self._entries = self._read_manifest()
@@ -179,13 +179,7 @@ class Checkpoints:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        if _dist.initialized():
-            import torch.distributed as dist
-
-            box = [found]
-            dist.broadcast_object_list(box, src=0)
-            found = box[0]
-        return found
+        return _dist.from_rank0(found)
 
     def torn(self, entry: CheckpointEntry) -> str | None:
         """Why `entry`'s folder cannot be loaded (missing, unfinished, short or changed files, a
@@ -226,7 +220,7 @@ class Checkpoints:
         """
         rank0 = _dist.is_rank0()
         err = _json_error(data, "data") or (_json_error(extra, "extra") if rank0 else None)
-        gathered = _all_gather((data, err))
+        gathered = _dist.gather((data, err))
         errors = [e for _, e in gathered if e]
         if errors:
             raise ValueError(f"Checkpoints.save: {errors[0]}")
@@ -245,7 +239,7 @@ class Checkpoints:
                 path.unlink()
             shutil.rmtree(path, ignore_errors=True)
             self.dir.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        _dist.barrier()
         self.backend.save(path, model, optimizer, scheduler, self.config.rng)
         entry = CheckpointEntry(
             step=step,
@@ -267,14 +261,14 @@ class Checkpoints:
                     "extra": extra,
                 },
             )
-        _barrier()  # every rank has finished writing
+        _dist.barrier()  # every rank has finished writing
         # Checksums, the files shared out over the ranks (each reads back a share of what was
         # just written, mostly from the page cache); then the checkpoint may count.
         files = _file_list(path) if rank0 else None
-        files = _broadcast(files)
+        files = _dist.from_rank0(files)
         mine = {rel: _checksum(path, rel) for i, rel in enumerate(files) if i % _dist.world_size() == _dist.rank()}
         sums: dict[str, list] = {}
-        for part in _all_gather(mine):
+        for part in _dist.gather(mine):
             sums.update(part)
         entry = replace(entry, files={rel: sums[rel] for rel in files})
         if rank0:
@@ -371,7 +365,7 @@ class Checkpoints:
         """
         path = self.run_dir / entry.path
         fix = "Pick another checkpoint (Checkpoints.newest_good skips unusable ones)."
-        why = _broadcast(self.torn(entry) if _dist.is_rank0() else None)  # every rank raises alike
+        why = _dist.from_rank0(self.torn(entry) if _dist.is_rank0() else None)  # every rank raises alike
         if why is not None:
             raise RunDirError(f"checkpoint {path} is unusable: {why}. {fix}")
         meta = read_json(path / STATE_NAME, "checkpoint state", fix)
@@ -414,30 +408,3 @@ def _json_error(obj: Any, what: str) -> str | None:
     except (TypeError, ValueError) as e:
         return f"{what} must be JSON-serialisable (dicts, lists, numbers, strings): {e}"
     return None
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    if not _dist.initialized():
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    if not _dist.initialized():
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if _dist.initialized():
-        import torch.distributed as dist
-
-        dist.barrier()

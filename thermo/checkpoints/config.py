@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from thermo.rundir import RunDir
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
@@ -35,7 +37,7 @@ class CheckpointConfig:
 
     keep_last: int = 3
     good_after: int = 50
-    folder: str = "checkpoints"
+    folder: str = RunDir.CHECKPOINTS
     rng: bool = True
     horizon: int = 0
     keep_between: int = 2

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 from thermo._io import RunDirError, atomic_write_json, read_json
 from thermo.checkpoints.backends import CheckpointBackend, DCPBackend, backend_name
 from thermo.checkpoints.config import CheckpointConfig
+from thermo.rundir import RunDir
 
 if TYPE_CHECKING:
     from thermo.checkpoints.checkpoints import Checkpoints
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "thermo.manifest"
 MANIFEST_VERSION = 1
 STATE_NAME = "thermo.json"
@@ -44,7 +44,7 @@ class CheckpointEntry:
 
 
 def rebuild_manifest(
-    run_dir: str | os.PathLike, folder: str = "checkpoints", backend: CheckpointBackend | None = None
+    run_dir: str | os.PathLike, folder: str = RunDir.CHECKPOINTS, backend: CheckpointBackend | None = None
 ) -> list[CheckpointEntry]:
     """Recreate a lost ``manifest.json`` from the intact checkpoint folders, all as *pending*.
 
@@ -52,12 +52,12 @@ def rebuild_manifest(
     `DCPBackend`) are left out (and left on disk).
     """
     backend = backend if backend is not None else DCPBackend()
-    run_dir = Path(run_dir)
-    manifest = run_dir / MANIFEST_NAME
+    run = RunDir(run_dir)
+    manifest = run.manifest
     if manifest.exists():
         raise RunDirError(f"{manifest} exists; move it away first to rebuild it")
     entries = []
-    for f in _step_folders(run_dir / CheckpointConfig(folder=folder).folder):
+    for f in _step_folders(run.checkpoints_dir(CheckpointConfig(folder=folder).folder)):
         if _torn(f, backend) is not None:
             continue
         meta = read_json(f / STATE_NAME, "checkpoint state", "Leave it out: move that folder away.")
@@ -80,7 +80,7 @@ def recorded_backend(run_dir: str | os.PathLike) -> str | None:
     """The `CheckpointBackend.name` a run's manifest records (None: no manifest, or one written
     before thermo recorded it, which is DCP's). For a process that reads checkpoints it cannot
     load, such as ``thermo supervise``."""
-    path = Path(run_dir) / MANIFEST_NAME
+    path = RunDir(run_dir).manifest
     if not path.exists():
         return None
     obj = read_json(path, "checkpoint manifest", "Restore it from a backup or fix it.")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from thermo.data.blacklist import (
     BLACKLIST_FORMAT,
-    BLACKLIST_LOCK,
-    BLACKLIST_NAME,
     BLACKLIST_VERSION,
     SOURCES,
     Blacklist,
@@ -36,8 +34,6 @@ from thermo.data.sampler import SAMPLER_STATE_VERSION, ResumableSampler
 
 __all__ = [
     "BLACKLIST_FORMAT",
-    "BLACKLIST_LOCK",
-    "BLACKLIST_NAME",
     "BLACKLIST_VERSION",
     "SAMPLER_STATE_VERSION",
     "SOURCES",

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from thermo._io import RunDirError, atomic_write_json, read_json
+from thermo.rundir import RunDir
 
-BLACKLIST_NAME = "blacklist.json"
-BLACKLIST_LOCK = ".blacklist.lock"
 BLACKLIST_FORMAT = "thermo.blacklist"
 BLACKLIST_VERSION = 2
 SOURCES = ("guard", "supervisor", "user")
@@ -311,7 +310,7 @@ class Blacklist:
 
     @property
     def path(self) -> Path | None:
-        return None if self.run_dir is None else self.run_dir / BLACKLIST_NAME
+        return None if self.run_dir is None else RunDir(self.run_dir).blacklist
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> Blacklist:
@@ -427,7 +426,7 @@ class Blacklist:
             apply(groups)
             self._set(groups)
             return
-        with _locked(self.run_dir / BLACKLIST_LOCK):
+        with _locked(RunDir(self.run_dir).blacklist_lock):
             # Re-read under the lock: another process may have added entries since our last read.
             groups = self._read()
             apply(groups)

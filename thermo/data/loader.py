@@ -80,7 +80,7 @@ class StatefulLoader:
                 ids = ids.tolist()  # note: a host sync if the ids live on an accelerator
             skip = any(int(i) in self.blacklist for i in ids)
             if self.sync:
-                skip = _any_rank(skip)
+                skip = _dist.any_rank(skip)  # note: a host sync (the data path, before the step)
             if skip:
                 self.skipped += 1
                 continue
@@ -94,16 +94,3 @@ class StatefulLoader:
             raise ValueError(f"StatefulLoader.load_state_dict: not a StatefulLoader state: {state!r:.200}")
         self.loader.load_state_dict(state["loader"])
         self.skipped = int(state.get("skipped", 0))
-
-
-def _any_rank(flag: bool) -> bool:
-    if not _dist.initialized() or _dist.world_size() == 1:
-        return flag
-    import torch.distributed as dist
-
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())  # note: a host sync (this is the data path, before the step)

@@ -25,25 +25,22 @@ from __future__ import annotations
 # `_DeviceSkip as _DeviceSkip`: private, re-exported because the tests import it from here.
 from thermo.guard.config import (
     EXIT_DIVERGED,
-    HEARTBEAT_NAME,
     DivergenceError,
     GuardConfig,
 )
 from thermo.guard.guard import Guard
 from thermo.guard.qkclip import QKClip
 from thermo.guard.skip import _DeviceSkip as _DeviceSkip
-from thermo.guard.watch import Plan, Watch, broadcast, newest_usable, rollback_target, skip_window
+from thermo.guard.watch import Plan, Watch, newest_usable, rollback_target, skip_window
 
 __all__ = [
     "EXIT_DIVERGED",
-    "HEARTBEAT_NAME",
     "DivergenceError",
     "Guard",
     "GuardConfig",
     "QKClip",
     "Plan",
     "Watch",
-    "broadcast",
     "newest_usable",
     "rollback_target",
     "skip_window",

@@ -1,5 +1,5 @@
 """The guard's escalation ladder (`GuardConfig`), how it gives up (`DivergenceError`,
-`EXIT_DIVERGED`) and the heartbeat file it writes."""
+`EXIT_DIVERGED`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 # Exit status a training script uses when the guard gave up; `thermo supervise` knows it.
 EXIT_DIVERGED = 86
-HEARTBEAT_NAME = "heartbeat.json"
 
 
 class DivergenceError(RuntimeError):

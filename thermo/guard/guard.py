@@ -11,12 +11,13 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from thermo.checkpoints import CheckpointConfig, Checkpoints
+from thermo import _dist
 from thermo.data import ResumableSampler, StatefulLoader
 from thermo.detector import DetectorConfig, Verdict
 from thermo.guard.config import GuardConfig
 from thermo.guard.qkclip import QKClip, qk_clip_thermometer
 from thermo.guard.skip import _DeviceSkip
-from thermo.guard.watch import Watch, broadcast
+from thermo.guard.watch import Watch
 from thermo.probes import grad_norm_and_nonfinite, unwrap
 from thermo.thermometer import ThermometerConfig
 
@@ -337,7 +338,7 @@ class Guard:
         if self.rank0:
             self.watch.blacklist.reload()
             ids = self.watch.blacklist.ids  # an IdSet of ranges: never listed id by id
-        ids = broadcast(ids)
+        ids = _dist.from_rank0(ids)
         self.data.set_blacklist(ids)
 
     def close(self) -> None:

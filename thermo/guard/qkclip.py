@@ -41,7 +41,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
@@ -207,7 +206,7 @@ class QKClip:
             # Every rank must scale alike: the max over ranks (NaN would not survive a MAX
             # collective reliably, and is no reason to clip: it becomes -inf).
             self._smax.nan_to_num_(nan=float("-inf"))
-            dist.all_reduce(self._smax, op=dist.ReduceOp.MAX)
+            _dist.max_(self._smax)
         self._hot.copy_(self._hot_mask().sum())
         self._pending = True
         return self._hot

@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor
 
 from thermo import _dist
 from thermo.detector import Verdict
-from thermo.guard.watch import Plan, broadcast
+from thermo.guard.watch import Plan
 from thermo.probes import grad_norm_and_nonfinite
 
 if TYPE_CHECKING:
@@ -317,7 +317,7 @@ class Replay:
                     if z >= z0 and math.log(x) - med >= math.log(2.0):
                         hit(i, z)
             picked = [i for i, _ in sorted(score.items(), key=lambda kv: -kv[1])]
-        return broadcast(picked)
+        return _dist.from_rank0(picked)
 
     def _leave_out(self, step: int, ids: list[int], suspects: list[int]) -> list[int] | None:
         """The suspects, if the step passes without them, less each one whose return does not
@@ -349,7 +349,7 @@ class Replay:
             verdict = (not math.isfinite(loss) or not math.isfinite(gn)
                        or loss * share > limits.get("loss", math.inf)
                        or gn * share > limits.get("grad_norm", math.inf))
-        return broadcast(verdict)
+        return _dist.from_rank0(verdict)
 
     def _ddmin(self, items: list[int], fails) -> list[int] | None:
         """Zeller's delta debugging: a 1-minimal subset of `items` for which `fails` holds (None
@@ -388,7 +388,7 @@ class Replay:
                 limits = {v.signal: v.evidence["threshold"]}
             elif v.kind == "nonfinite" and v.signal in ("loss", "grad_norm", "grad_nonfinite"):
                 limits = {}
-        return broadcast(limits)
+        return _dist.from_rank0(limits)
 
     # -- forward/backward on chosen samples ---------------------------------------------------------
 
@@ -439,11 +439,4 @@ def _median_sigma(vals: list[float]) -> tuple[float, float]:
 
 
 def _all_hosts() -> list[str]:
-    host = socket.gethostname()
-    if not _dist.initialized() or _dist.world_size() == 1:
-        return [host]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * _dist.world_size()
-    dist.all_gather_object(out, host)
-    return out
+    return _dist.gather(socket.gethostname())

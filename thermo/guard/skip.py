@@ -46,7 +46,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
@@ -135,7 +134,7 @@ class _DeviceSkip:
         if _dist.world_size() > 1:
             # One decision for all ranks: a rank whose own loss spiked makes every rank skip.
             # Enqueued on the device like any collective: no host sync.
-            dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)
+            _dist.max_(self.flag)
         torch.gt(self.flag, 0, out=self._bad)
         bad = self._bad
         # Only healthy steps enter the window (a skipped slot keeps its old value).

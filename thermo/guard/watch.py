@@ -1,5 +1,5 @@
 """`Watch`: the decisions every loop shares (record, judge, plan a rollback, give up), with `Plan`,
-`newest_usable` and `broadcast`."""
+and `newest_usable`."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from thermo import _dist
 from thermo.checkpoints import CheckpointConfig, CheckpointEntry, Checkpoints
 from thermo.data import BatchLedger, Blacklist
 from thermo.detector import Detector, DetectorConfig, Verdict
-from thermo.guard.config import HEARTBEAT_NAME, DivergenceError, GuardConfig
+from thermo.rundir import RunDir
+from thermo.guard.config import DivergenceError, GuardConfig
 from thermo.thermometer import Thermometer, ThermometerConfig
 
 log = logging.getLogger("thermo")
@@ -72,7 +73,7 @@ class Watch:
         self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
         self.store = self.therm.store  # rank 0 only
         self.blacklist = Blacklist.load(self.run_dir) if self.rank0 else None
-        self.rollbacks = broadcast(self._past_rollbacks())  # every rank gives up alike
+        self.rollbacks = _dist.from_rank0(self._past_rollbacks())  # every rank gives up alike
         self.last_record = None  # the newest flushed StepRecord (rank 0), for progress displays
         # The dataset's size, for `GuardConfig.max_blacklist_fraction` (None: no cap); the Guard
         # sets it from its sampler.
@@ -114,7 +115,7 @@ class Watch:
             if records:
                 self.last_record = records[-1]
                 pending = self.detector.update(records)
-        verdict = broadcast(pending)
+        verdict = _dist.from_rank0(pending)
         if verdict is None:
             self.checkpoints.promote(step)
         return verdict
@@ -185,7 +186,7 @@ class Watch:
                         f"({total / n:.1%}) blacklisted, over max_blacklist_fraction={cap:g}; the cause "
                         "is likely not the data (try a lower learning rate or a longer warm-up), or raise "
                         "GuardConfig.max_blacklist_fraction if the data really is that bad")
-        over = broadcast(over)
+        over = _dist.from_rank0(over)
         if over is not None:
             self.give_up(verdict, over)
 
@@ -226,7 +227,7 @@ class Watch:
         without a sync) its sample ids. No fsync: it only has to be fresh, not durable."""
         if not self.rank0:
             return
-        path = self.run_dir / HEARTBEAT_NAME
+        path = RunDir(self.run_dir).heartbeat
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "attempt": self.therm.attempt,
                                    "ids": ids or [], "time": time.time()}))
@@ -293,7 +294,7 @@ class Watch:
             verdict = det.update([rec])
             out = {"loss": rec.scalars.get("loss"), "grad_norm": rec.scalars.get("grad_norm"),
                    "skipped": bool(rec.scalars.get("skipped", 0.0)), "verdict": verdict}
-        return broadcast(out)
+        return _dist.from_rank0(out)
 
     def replay_forget(self, step: int) -> None:
         """Forget the replayed `step` and what followed (it is redone without some samples)."""
@@ -325,7 +326,7 @@ class Watch:
             self.store.event("verdict", f"after the last step: {verdict.message}",
                              step=verdict.detection_step, **verdict.to_dict())
             warnings.warn(f"thermo: the run ended diverging: {verdict.message}", RuntimeWarning, stacklevel=3)
-        verdict = broadcast(verdict)
+        verdict = _dist.from_rank0(verdict)
         if verdict is not None:
             self.checkpoints.mark_bad(verdict.onset_step)
         self.therm.close()
@@ -371,15 +372,4 @@ def newest_usable(checkpoints: Checkpoints) -> CheckpointEntry | None:
                 break
             warnings.warn(f"thermo: checkpoint {checkpoints.run_dir / e.path} is unusable ({why}); "
                           "resuming from an older one", RuntimeWarning, stacklevel=3)
-    return broadcast(found)
-
-
-def broadcast(obj):
-    """Rank 0's `obj` on every rank (the object itself without a process group)."""
-    if not _dist.initialized() or _dist.world_size() == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)  # note: a host sync, once per flush
-    return box[0]
+    return _dist.from_rank0(found)

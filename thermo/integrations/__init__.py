@@ -36,9 +36,10 @@ import torch
 
 from thermo import _dist
 from thermo.checkpoints import CheckpointEntry
-from thermo.data import BLACKLIST_NAME, Blacklist
+from thermo.data import Blacklist
+from thermo.rundir import RunDir
 from thermo.detector import Verdict
-from thermo.guard import Watch, broadcast
+from thermo.guard import Watch
 
 __all__ = ["BlacklistDataset", "batch_ids"]
 
@@ -93,12 +94,12 @@ class BlacklistDataset(torch.utils.data.Dataset):
         """Re-read ``blacklist.json`` (only between epochs or launches: the length changes)."""
         n = len(self.dataset)
         ids = np.arange(n, dtype=np.int64)
-        if self.run_dir is not None and (self.run_dir / BLACKLIST_NAME).exists():
+        if self.run_dir is not None and RunDir(self.run_dir).blacklist.exists():
             bad = np.fromiter(Blacklist.load(self.run_dir).ids, dtype=np.int64)
             ids = np.setdiff1d(ids, bad, assume_unique=True)
         if len(ids) == 0:
             raise ValueError(
-                f"BlacklistDataset: all {n} samples are blacklisted in {self.run_dir / BLACKLIST_NAME}; "
+                f"BlacklistDataset: all {n} samples are blacklisted in {RunDir(self.run_dir).blacklist}; "
                 "nothing is left to train on"
             )
         self.ids = ids
@@ -156,7 +157,7 @@ class _Watch(Watch):
             True if this launch continues an earlier one (it resumed, or restarted from scratch
             after a stop); False on the run's first launch, which should save checkpoint 0.
         """
-        resumed = broadcast(step > 0 or bool(self.rank0 and self.store.last_step() is not None))
+        resumed = _dist.from_rank0(step > 0 or bool(self.rank0 and self.store.last_step() is not None))
         self.step = step
         if resumed:
             self.resumed(step)
@@ -190,11 +191,8 @@ class _Watch(Watch):
         ids, gathered (one collective per flush)."""
         rows = [(s, _id_list(i)) for s, i in self._ids]  # note: a host sync if ids are on a device; once per flush
         self._ids.clear()
-        if _dist.initialized() and _dist.world_size() > 1:
-            import torch.distributed as dist
-
-            parts: list[Any] = [None] * _dist.world_size()
-            dist.all_gather_object(parts, rows)
+        if _dist.world_size() > 1:
+            parts = _dist.gather(rows)
             rows = [(s, [i for part in parts for i in dict(part).get(s, [])]) for s, _ in rows]
         for s, ids in rows:
             self.ledger.record(s, ids)
@@ -212,7 +210,7 @@ class _Watch(Watch):
                                   note=f"superseded: the run stopped to resume from step {plan.target.step}")
         self.log_rollback(plan, self.step, "stop")
         self.verdict, self.target = verdict, plan.target
-        _barrier()  # rank 0's files are written before any rank lets its framework go on
+        _dist.barrier()  # rank 0's files are written before any rank lets its framework go on
         return plan.target
 
 
@@ -221,12 +219,6 @@ def _id_list(ids) -> list[int]:
         return [int(i) for i in ids.reshape(-1).tolist()]
     return [int(i) for i in ids]
 
-
-def _barrier() -> None:
-    if _dist.initialized() and _dist.world_size() > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
@@ -238,4 +230,3 @@ def _loss_of(output: Any) -> torch.Tensor | None:
     else:
         loss = getattr(output, "loss", None)
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
-

@@ -5,7 +5,6 @@ through these, none of them needs Dash for it.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -14,7 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from thermo.store import DB_NAME, Run, Store, StoreError, readonly_uri
+from thermo.rundir import RunDir
+from thermo.store import Cursor, Run, Store, StoreError
 
 # A refresh never waits long on a busy file: better one stale frame than a stuck page.
 _READ_TIMEOUT_S = 1.0
@@ -23,14 +23,15 @@ _READ_TIMEOUT_S = 1.0
 class RunReader:
     """Reads a run directory's store for display, incrementally and read-only.
 
-    Every `poll` opens one short read transaction and fetches, per attempt, the scalar and
-    per-layer rows past the last step already seen, the events past the last id, the attempts and
-    the meta. `run` gives everything read so far as a `thermo.store.Run` with every attempt's rows
-    (rolled-back ones included), which is what the `thermo.plots` builders take.
+    Every `poll` asks the store for what was written since the last one (`Store.news`: per
+    attempt the scalar and per-layer rows past the last step seen, the events past the last id,
+    the attempts and the meta, in one short read transaction). `run` gives everything read so
+    far as a `thermo.store.Run` with every attempt's rows (rolled-back ones included), which is
+    what the `thermo.plots` builders take.
 
     Args:
         run_dir: the run directory; ``thermo.db`` may not exist yet (`poll` returns False until
-            the first flush creates it).
+            the first flush creates it, with the reason in `error`).
 
     Example:
         >>> reader = RunReader("runs/exp1")
@@ -42,11 +43,9 @@ class RunReader:
         self.run_dir = Path(run_dir)
         self.version = 0  # bumped whenever a poll found something new
         self.error: str | None = None  # why the store cannot be read (yet)
-        self._conn: sqlite3.Connection | None = None
+        self._store: Store | None = None
         self._lock = threading.Lock()
-        self._seen_scalars: dict[int, int] = {}  # attempt -> last step read
-        self._seen_layers: dict[int, int] = {}
-        self._last_event = 0
+        self._cursor = Cursor()
         self._scalars: list[pd.DataFrame] = []
         self._layers: list[pd.DataFrame] = []
         self._events: list[pd.DataFrame] = []
@@ -54,91 +53,54 @@ class RunReader:
         self._meta: dict[str, Any] = {}
         self._run: Run | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether the store has been opened (the run has flushed its first steps)."""
+        return self._store is not None
+
     def _connect(self) -> bool:
-        path = self.run_dir / DB_NAME
-        if not path.is_file():
+        if not RunDir(self.run_dir).db.is_file():
+            self.error = f"no {RunDir(self.run_dir).db} yet"
             return False
         try:
-            # Store's own checks: a foreign or newer file gets its clear error. A store being
-            # created fails them for a moment too (tables not there yet), so keep trying.
-            Store(self.run_dir, readonly=True).close()
+            # A foreign or newer file gets its clear error. A store being created fails the
+            # checks for a moment too (tables not there yet), so keep trying.
+            self._store = Store(self.run_dir, readonly=True, timeout=_READ_TIMEOUT_S, shared=True)
         except StoreError as e:
             self.error = str(e)
             return False
         self.error = None
-        conn = sqlite3.connect(readonly_uri(path), uri=True, timeout=_READ_TIMEOUT_S,
-                               isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA query_only = 1")
-        self._conn = conn
         return True
 
     def poll(self) -> bool:
-        """Read what the run wrote since the last poll. Returns True if anything was new."""
+        """Read what the run wrote since the last poll. Returns True if anything was new; when
+        the store cannot be read (not there yet, busy, damaged) returns False and says why in
+        `error`, keeping what was read before."""
         with self._lock:
-            if self._conn is None and not self._connect():
+            if self._store is None and not self._connect():
                 return False
             try:
-                changed = self._read_new()
+                news = self._store.news(self._cursor)
+            except StoreError as e:  # damaged: one line, the frame read so far stays
+                self.error = str(e)
+                return False
             except (sqlite3.OperationalError, pd.errors.DatabaseError) as e:
                 # Busy for longer than the timeout: keep the last frame, retry, and say why.
                 self.error = f"the store could not be read this time ({e}); retrying"
                 return False
             self.error = None
-            if changed:
+            new = bool(news.scalars or news.layers or len(news.events))
+            self._scalars += news.scalars
+            self._layers += news.layers
+            if len(news.events):
+                self._events.append(news.events)
+            if len(news.attempts) != len(self._attempts) or news.meta != self._meta:
+                new = True
+            self._attempts, self._meta = news.attempts, news.meta
+            if new:
                 self.version += 1
                 self._run = None
-            return changed
-
-    def _read_new(self) -> bool:
-        conn = self._conn
-        conn.execute("BEGIN")  # one snapshot: scalars, layers and events agree with each other
-        try:
-            attempts = pd.read_sql_query(
-                "SELECT attempt, start_step, time, reason FROM attempts ORDER BY attempt", conn)
-            meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
-            new = False
-            for a in attempts["attempt"].tolist():
-                s = self._tail(
-                    "SELECT attempt, step, key, value FROM scalars WHERE attempt = ? AND step > ?",
-                    a, self._seen_scalars)
-                if s is not None:
-                    wide = s.pivot(index=["attempt", "step"], columns="key", values="value")
-                    wide.columns.name = None
-                    self._scalars.append(wide.reset_index())
-                    new = True
-                lay = self._tail(
-                    "SELECT l.attempt AS attempt, l.step AS step, s.layer AS layer, s.stat AS stat, "
-                    "l.value AS value FROM layers l JOIN series s ON s.id = l.series "
-                    "WHERE l.attempt = ? AND l.step > ?", a, self._seen_layers)
-                if lay is not None:
-                    self._layers.append(lay)
-                    new = True
-            ev = pd.read_sql_query(
-                "SELECT id, time, attempt, step, kind, message, data FROM events WHERE id > ? "
-                "ORDER BY id", conn, params=(self._last_event,))
-        finally:
-            if conn.in_transaction:
-                conn.execute("COMMIT")
-        if len(ev):
-            ev["data"] = ev["data"].map(json.loads)
-            self._events.append(ev)
-            self._last_event = int(ev["id"].max())
-            new = True
-        # end_step(a) = min(start_step of every later attempt), as Store.attempts computes it.
-        attempts["end_step"] = (
-            attempts["start_step"][::-1].cummin()[::-1].shift(-1).fillna(2**62).astype("int64"))
-        if len(attempts) != len(self._attempts) or meta != self._meta:
-            new = True
-        self._attempts, self._meta = attempts, meta
-        return new
-
-    def _tail(self, sql: str, attempt: int, seen: dict[int, int]) -> pd.DataFrame | None:
-        df = pd.read_sql_query(sql, self._conn, params=(attempt, seen.get(attempt, -(2**62))))
-        if df.empty:
-            return None
-        df["value"] = df["value"].astype("float64")  # NULL is how SQLite keeps a NaN
-        seen[attempt] = int(df["step"].max())
-        return df
+            return new
 
     def run(self) -> Run:
         """Everything read so far, every attempt's rows (use `thermo.plots.effective_mask` for
@@ -162,9 +124,9 @@ class RunReader:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
 
 def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
@@ -184,10 +146,10 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     """
     reader = RunReader(run_dir)
     try:
-        if not reader.poll() and reader._conn is None:
-            raise StoreError(reader.error or (
-                f"no metrics store at {Path(run_dir) / DB_NAME}: is {run_dir} a thermo run "
-                "directory? A run writes it once the first steps are flushed."))
+        if not reader.poll() and reader.error is not None:
+            if not reader.connected and not RunDir(run_dir).db.is_file():
+                Store(run_dir, readonly=True)  # raises its "no metrics store at ..." error
+            raise StoreError(reader.error)
         return reader.run()
     finally:
         reader.close()

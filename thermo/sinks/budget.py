@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from thermo.plots.shared import block_of
-from thermo.store import DB_NAME, StepRecord
+from thermo.rundir import RunDir
+from thermo.store import StepRecord
 
 # Keys every row carries besides the budgeted ones: thermo/step, thermo/train_step, thermo/attempt.
 RESERVED_KEYS = 3
@@ -122,17 +123,16 @@ def events_after(run_dir: Path, last_id: int) -> list[dict[str, Any]]:
     """The run's events with an id above `last_id`, oldest first, as dicts (kind, message, step
     or None, data, id); empty while the store is missing, being created, busy or foreign (the
     sinks poll again at their next write)."""
-    if not (Path(run_dir) / DB_NAME).is_file():
+    run = RunDir(run_dir)
+    if not run.db.is_file():
         return []
-    from thermo.store import Store
-
     try:
-        with Store(run_dir, readonly=True) as store:
-            ev = store.events()
+        with run.store(readonly=True) as store:
+            ev = store.events(after_id=last_id)
     except Exception:  # try again at the next poll
         return []
     out = []
-    for _, e in ev[ev["id"] > last_id].iterrows():
+    for _, e in ev.iterrows():
         step = None if e["step"] is None or e["step"] != e["step"] else int(e["step"])
         out.append({"kind": e["kind"], "message": e["message"], "step": step, "data": e["data"], "id": int(e["id"])})
     return out

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from thermo.sinks.budget import KeyBudget, StepAxis, events_after
-from thermo.store import DB_NAME, StepRecord
+from thermo.rundir import RunDir
+from thermo.store import StepRecord
 
 # Events worth a W&B alert (email/Slack when the user configured it); the rest only get logged.
 _ALERT_KINDS = {"verdict": "WARN", "rollback": "WARN", "restart": "WARN", "give_up": "ERROR"}
@@ -338,7 +339,7 @@ class WandbSink:
                 table = wandb.Table(columns=["step", "kind", "message", "details"], data=self._events)
                 self._log({"thermo/step": self._axis.at(self._last_step or 0), "thermo/events": table},
                           marker=True)
-            if self.figures and self.run_dir is not None and (self.run_dir / DB_NAME).is_file():
+            if self.figures and self.run_dir is not None and RunDir(self.run_dir).db.is_file():
                 self._log_panels()
             self._run.summary["thermo/dropped_steps"] = self.dropped
         except Exception as e:

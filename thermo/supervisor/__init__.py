@@ -46,14 +46,13 @@ Example::
 from __future__ import annotations
 
 # `_lock`, `_start_time` (`_x as _x`): private, re-exported because the tests import them from here.
-from thermo.supervisor.checks import LOCK_NAME, check_command, check_run_dir
+from thermo.supervisor.checks import check_command, check_run_dir
 from thermo.supervisor.checks import _lock as _lock
 from thermo.supervisor.config import Launch, Outcome, SupervisorConfig, SupervisorError
 from thermo.supervisor.process import _start_time as _start_time
 from thermo.supervisor.supervisor import Supervisor, supervise
 
 __all__ = [
-    "LOCK_NAME",
     "Launch",
     "Outcome",
     "Supervisor",

@@ -11,12 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from thermo.guard import HEARTBEAT_NAME, newest_usable
+from thermo.guard import newest_usable
+from thermo.rundir import RunDir
 from thermo.store import Store
 from thermo.supervisor.config import SupervisorError
-
-LOCK_NAME = ".supervise.lock"
-
 
 def check_command(command: list[str]) -> None:
     """Raise `SupervisorError` unless `command` names an executable program."""
@@ -46,14 +44,14 @@ def check_run_dir(run_dir: Path) -> None:
     """Raise a one-line error if the run directory cannot be used: not a writable folder, or its
     store, manifest or blacklist is broken, foreign or from a newer thermo. Creates the folder
     (and nothing else) only once everything else checked out."""
-    from thermo.checkpoints import MANIFEST_NAME
     from thermo.data import Blacklist
 
     if run_dir.exists() and not run_dir.is_dir():
         raise SupervisorError(f"run directory {run_dir} exists and is not a folder; choose another path")
-    if (run_dir / "thermo.db").exists():
+    run = RunDir(run_dir)
+    if run.db.exists():
         Store(run_dir, readonly=True).close()  # StoreError: foreign, torn or newer
-    if (run_dir / MANIFEST_NAME).exists() or (run_dir / "checkpoints").is_dir():
+    if run.manifest.exists() or run.checkpoints_dir().is_dir():
         _checkpoints(run_dir, must=True)  # RunDirError: broken, or folders without a manifest
     if run_dir.is_dir():
         Blacklist.load(run_dir)  # RunDirError: malformed or newer
@@ -68,11 +66,11 @@ def check_run_dir(run_dir: Path) -> None:
 
 def _checkpoints(run_dir: Path, must: bool = False):
     """The run's `Checkpoints`, or None where there is no manifest (a loop without a Guard)."""
-    from thermo.checkpoints import MANIFEST_NAME, Checkpoints
+    from thermo.checkpoints import Checkpoints
     from thermo.checkpoints.backends import DCPBackend
     from thermo.checkpoints.manifest import recorded_backend
 
-    if not must and not (run_dir / MANIFEST_NAME).exists():
+    if not must and not RunDir(run_dir).manifest.exists():
         return None  # never create one: Checkpoints writes an empty manifest where none exists
     name = recorded_backend(run_dir)
     return Checkpoints(run_dir, backend=_Foreign(name) if name not in (None, DCPBackend.name) else None)
@@ -106,7 +104,7 @@ def _newest_usable(run_dir: Path) -> int | None:
 
 def _lock(run_dir: Path) -> int:
     """One supervisor per run directory (the lock goes with the process, however it dies)."""
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who shares it
+    fd = os.open(RunDir(run_dir).supervise_lock, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who shares it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -119,7 +117,7 @@ def _read_heartbeat(run_dir: Path) -> dict | None:
     """The heartbeat, or None if it is missing or not one: it is written by the command, which
     may be anything, so every field is checked (a crafted file must not crash the supervisor)."""
     try:
-        with open(run_dir / HEARTBEAT_NAME, "rb") as f:
+        with open(RunDir(run_dir).heartbeat, "rb") as f:
             raw = f.read(1 << 20)  # a heartbeat is a few hundred bytes; never read a huge file whole
         beat = json.loads(raw)
     except (OSError, ValueError, RecursionError):
