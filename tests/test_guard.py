@@ -188,6 +188,31 @@ def test_impossible_config_names_the_field():
         GuardConfig(lr_backoff=0.0)
 
 
+@pytest.mark.parametrize("setting, match", [
+    ({"thermometer": thermo.ThermometerConfig(sync_flush=False)}, r"ThermometerConfig.sync_flush=False cannot"),
+    ({"thermometer": thermo.ThermometerConfig(grad_norm=False)}, r"ThermometerConfig.grad_norm=False cannot"),
+    ({"checkpoints": thermo.CheckpointConfig(horizon=10)}, r"CheckpointConfig.horizon=10 is shorter .* >= \d+"),
+])
+def test_a_setting_the_guard_must_override_is_refused_not_replaced(tmp_path, setting, match):
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=match):
+        Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), data=ResumableSampler(10, 2),
+              fetch=lambda ids: ids, run_dir=tmp_path, **setting)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_unset_settings_get_what_the_guard_needs(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), data=ResumableSampler(10, 2),
+                  fetch=lambda ids: ids, run_dir=tmp_path, thermometer=thermo.ThermometerConfig(flush_every=5))
+    try:
+        assert guard.watch.therm.config.sync_flush is True and guard.watch.therm.config.flush_every == 5
+        det = guard.watch.detector.config
+        assert guard.watch.checkpoints.config.horizon == det.onset_lookback + guard.config.rollback_margin
+    finally:
+        guard.close()
+
+
 def test_needs_a_run_dir(monkeypatch):
     monkeypatch.delenv("THERMO_RUN_DIR", raising=False)
     model = torch.nn.Linear(2, 2)

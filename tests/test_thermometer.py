@@ -501,3 +501,20 @@ def test_a_flex_attention_call_before_attaching_is_not_a_stale_compile():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         thermo.Thermometer(nn.Linear(4, 4), attention=False).close()
+
+
+def test_a_loss_that_is_not_one_number_is_one_clear_error_and_loses_no_step(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    therm = thermo.Thermometer(model, tmp_path, thermo.ThermometerConfig(flush_every=2))
+    per_sample = None
+    for step in range(3):
+        per_sample = model(torch.randn(8, 4)).squeeze(1) ** 2  # (8,): a loss not yet reduced
+        per_sample.mean().backward()
+        therm.step(per_sample.mean())
+    with pytest.raises(ValueError, match=r"loss must be a scalar, got a tensor of shape \(8,\); .*loss\.mean\(\)"):
+        therm.step(per_sample)
+    with pytest.raises(ValueError, match=r"lr must be a scalar, got a tensor of shape \(2,\)"):
+        therm.step(per_sample.mean(), lr=torch.ones(2))
+    therm.step(per_sample.mean())
+    therm.close()
+    assert thermo.load(tmp_path).scalars["step"].tolist() == [0, 1, 2, 3]

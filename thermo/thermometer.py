@@ -74,6 +74,8 @@ class ThermometerConfig:
         record_eval: also record forwards of modules in eval mode (validation passes).
         sync_flush: process a flush's rows at once (waits for the copy: one host sync per
             flush); otherwise rows are processed on a later step, once the copy has finished.
+            None: False, except under a Guard (or `Watch`), which judges each flush at once and
+            refuses False.
         extra_scalars: device slots for tensor scalars passed to ``step(**scalars)``.
     """
 
@@ -92,7 +94,7 @@ class ThermometerConfig:
     grad_norm: bool = True
     count_nonfinite: bool = False
     record_eval: bool = False
-    sync_flush: bool = False
+    sync_flush: bool | None = None
     extra_scalars: int = 8
 
     def __post_init__(self):
@@ -475,6 +477,7 @@ class Thermometer:
         """
         if self._closed:
             raise RuntimeError("Thermometer.step() after close(): create a new Thermometer")
+        _check_scalars(loss=loss, grad_norm=grad_norm, **scalars)
         if self._finder is not None and self._finder.seen:
             self._finish_discovery()
         if step is not None:
@@ -509,7 +512,7 @@ class Thermometer:
         if self._pending is not None and _event_done(self._pending.event):
             done = self._process()
         if self._row == self.config.flush_every:
-            done += self.flush(wait=self.config.sync_flush)
+            done += self.flush(wait=bool(self.config.sync_flush))
         return done
 
     @property
@@ -691,6 +694,16 @@ def _model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def _check_scalars(**values) -> None:
+    """A tensor passed as a per-step value must hold one number (its shape is metadata: no sync)."""
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            fix = ("reduce it first, e.g. loss.mean() (the loss the optimizer steps on)" if name == "loss"
+                   else f"reduce it to one number first, e.g. {name}.mean() or {name}.max()")
+            raise ValueError(f"Thermometer.step: {name} must be a scalar, got a tensor of shape "
+                             f"{tuple(value.shape)}; {fix}")
 
 
 def _as_device_scalar(value: torch.Tensor) -> torch.Tensor:

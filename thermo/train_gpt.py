@@ -88,9 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data-bytes", type=int, default=2_000_000, help="bytes of stdlib source to train on")
     a("--checkpoint-every", type=int, default=50)
     a("--good-after", type=int, default=40, help="healthy steps before a checkpoint is good")
-    a("--flush-every", type=int, default=10)
-    a("--attn-every", type=int, default=10)
-    a("--keep-last", type=int, default=3)
+    # Shorter than GuardConfig's and CheckpointConfig's defaults: the reference runs are short.
+    a("--flush-every", type=int, default=ThermometerConfig.flush_every)
+    a("--attn-every", type=int, default=ThermometerConfig.attn_every)
+    a("--keep-last", type=int, default=CheckpointConfig.keep_last)
     a("--poison-steps", default="", help="steps whose batches are poisoned, e.g. '150-152,300'")
     a("--poison-ids", default="", help="sample ids to poison (comma separated)")
     a("--poison-mode", choices=["grad", "tokens"], default="grad")
@@ -106,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--diverge-lr", type=float, default=0.0, help="force this LR from --diverge-from on")
     a("--diverge-from", type=int, default=0)
     a("--resume", choices=["auto", "never"], default="auto")
-    a("--max-rollbacks", type=int, default=5)
-    a("--skip-z", type=float, default=6.0,
+    a("--max-rollbacks", type=int, default=GuardConfig.max_rollbacks)
+    a("--skip-z", type=float, default=GuardConfig.skip_z,
       help="skip steps whose loss/grad norm exceed mean + z*sigma on the device (0: only non-finite)")
     a("--qk-clip", type=float, default=None, metavar="TAU",
       help="QK-Clip: scale W_q/W_k of heads whose exact max attention logit exceeds TAU (Kimi K2: 100)")

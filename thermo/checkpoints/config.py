@@ -22,8 +22,9 @@ class CheckpointConfig:
         rng: save and restore each rank's RNG states (python, numpy, torch CPU, CUDA).
         horizon: also keep the newest good checkpoint older than the last `horizon` steps (or,
             if none is that old, the oldest good one), so that a verdict whose onset lies that
-            far back still has a checkpoint to return to. The Guard sets it to the detector's
-            onset look-back plus the rollback margin when it is 0.
+            far back still has a checkpoint to return to. None: none for `Checkpoints` alone; under a
+            Guard, the detector's onset look-back plus the rollback margin (a shorter one is
+            refused there: a rollback could find nothing to return to).
         keep_between: with a `horizon`, also keep up to this many good checkpoints inside it,
             spread evenly: a rollback to an onset inside the window then redoes at most about
             ``horizon / (keep_between + 1)`` steps more than it must. Retention keeps at most
@@ -39,7 +40,7 @@ class CheckpointConfig:
     good_after: int = 50
     folder: str = RunDir.CHECKPOINTS
     rng: bool = True
-    horizon: int = 0
+    horizon: int | None = None
     keep_between: int = 2
     max_bytes: int = 0
 
@@ -52,8 +53,8 @@ class CheckpointConfig:
             raise ValueError(f"CheckpointConfig.keep_between must be an int >= 0, got {self.keep_between!r}")
         if not isinstance(self.max_bytes, int) or self.max_bytes < 0:
             raise ValueError(f"CheckpointConfig.max_bytes must be an int >= 0 (0: no budget), got {self.max_bytes!r}")
-        if self.horizon < 0:
-            raise ValueError(f"CheckpointConfig.horizon must be >= 0, got {self.horizon}")
+        if self.horizon is not None and self.horizon < 0:
+            raise ValueError(f"CheckpointConfig.horizon must be >= 0 (or None), got {self.horizon}")
         if not self.folder or Path(self.folder).is_absolute() or ".." in Path(self.folder).parts:
             raise ValueError(
                 "CheckpointConfig.folder must be a relative path inside the run directory, "

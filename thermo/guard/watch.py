@@ -62,14 +62,10 @@ class Watch:
         self.rank0 = _dist.is_rank0()
         self.detector = Detector(detector)
         self.ledger = BatchLedger(max_steps=max(10_000, 4 * self.config.checkpoint_every))
+        tcfg = self._thermometer_config(thermometer or ThermometerConfig())  # refused before any file
         if not isinstance(checkpoints, Checkpoints):
-            ckpt_cfg = checkpoints or CheckpointConfig()
-            if not ckpt_cfg.horizon:  # keep what the furthest onset the detector reports needs
-                ckpt_cfg = replace(ckpt_cfg, horizon=self.detector.config.onset_lookback
-                                   + self.config.rollback_margin)
-            checkpoints = Checkpoints(self.run_dir, ckpt_cfg)
+            checkpoints = Checkpoints(self.run_dir, self._checkpoint_config(checkpoints or CheckpointConfig()))
         self.checkpoints = checkpoints
-        tcfg = replace(thermometer or ThermometerConfig(), sync_flush=True, grad_norm=True)
         self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
         self.store = self.therm.store  # rank 0 only
         self.blacklist = Blacklist.load(self.run_dir) if self.rank0 else None
@@ -82,6 +78,29 @@ class Watch:
         # give-up takes them out again, so that only samples found toxic stay blacklisted.
         self._unproven: set[int] = set()
         self._replay_detector: Detector | None = None  # set while a replay runs
+
+    def _checkpoint_config(self, cfg: CheckpointConfig) -> CheckpointConfig:
+        """Retention must keep a checkpoint from before the furthest onset the detector reports."""
+        need = self.detector.config.onset_lookback + self.config.rollback_margin
+        if cfg.horizon is None:
+            return replace(cfg, horizon=need)
+        if cfg.horizon < need:
+            raise ValueError(
+                f"CheckpointConfig.horizon={cfg.horizon} is shorter than the detector's onset look-back "
+                f"plus the rollback margin ({need}): retention could delete every checkpoint a rollback "
+                f"can return to. Leave it unset (None) or set it >= {need}")
+        return cfg
+
+    @staticmethod
+    def _thermometer_config(cfg: ThermometerConfig) -> ThermometerConfig:
+        """The detector judges each flush as it happens and its grad-norm rule needs the norm."""
+        if cfg.sync_flush is False:
+            raise ValueError("ThermometerConfig.sync_flush=False cannot be used under a Guard: it judges "
+                             "every flush at once, so the rows must land at once. Leave it unset (None)")
+        if not cfg.grad_norm:
+            raise ValueError("ThermometerConfig.grad_norm=False cannot be used under a Guard: the detector's "
+                             "grad-norm rule needs the norm of every step. Leave it True")
+        return replace(cfg, sync_flush=True)
 
     def _past_rollbacks(self) -> int:
         if not self.rank0:
