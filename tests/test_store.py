@@ -11,6 +11,7 @@ import time
 import pytest
 
 import thermo
+from thermo.rundir import RunDir
 from thermo.store import StepRecord, Store, StoreError
 
 
@@ -233,7 +234,7 @@ def test_a_corrupt_store_page_is_one_clear_error_not_a_traceback(tmp_path):
     with Store(tmp_path) as s:
         for k in range(40):
             s.write([rec(i, loss=1.0, **{f"h__{j}": 1.0 for j in range(20)}) for i in range(20 * k, 20 * k + 20)])
-    db = tmp_path / "thermo.db"
+    db = RunDir(tmp_path).db
     with open(db, "r+b") as f:  # a page in the middle of the tables turns to garbage
         f.seek(db.stat().st_size // 2)
         f.write(b"\xff" * 4096)
@@ -244,6 +245,12 @@ def test_a_corrupt_store_page_is_one_clear_error_not_a_traceback(tmp_path):
     assert "\n" not in str(err.value)
     with Store(tmp_path, readonly=True) as r, pytest.raises(StoreError, match="is damaged"):
         list(r.records())
+    # The dashboard's reader says it in one line and keeps polling; the report's read raises it.
+    reader = RunDir(tmp_path).reader()
+    assert reader.poll() is False and "is damaged" in reader.error and "\n" not in reader.error
+    reader.close()
+    with pytest.raises(StoreError, match="is damaged"):
+        RunDir(tmp_path).read()
     assert db.read_bytes() == damaged  # nothing lost or changed by looking
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from thermo.rundir import RunDir
 from thermo.train_gpt import Summary, parse_args, train
 
 
@@ -56,7 +57,7 @@ def run_demo(run_dir: Path, steps: int, quick: bool, echo=print) -> Summary:
             if c.get("cause"):
                 echo(f"  cause      {c['cause']}: the replay blacklisted {c['n_blacklisted']} of the "
                      f"{c['suspects']} samples of the suspect steps")
-        echo(f"  skipped    {summary.skipped_samples} samples, listed in {run_dir / 'blacklist.json'}")
+        echo(f"  skipped    {summary.skipped_samples} samples, listed in {RunDir(run_dir).blacklist}")
     else:
         echo("  no divergence was detected")
     loss = "n/a" if math.isnan(summary.final_loss) else f"{summary.final_loss:.3f}"

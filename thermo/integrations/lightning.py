@@ -36,6 +36,7 @@ from thermo.guard import GuardConfig
 from thermo.guard import newest_usable
 from thermo.integrations import _require, _Watch, batch_ids
 from thermo.probes import grad_norm_and_nonfinite
+from thermo.rundir import RunDir
 from thermo.thermometer import ThermometerConfig
 
 _require("lightning", "lightning", "lightning")
@@ -73,7 +74,7 @@ class LightningBackend:
         return None
 
 
-def resume_path(run_dir: str | os.PathLike, folder: str = "checkpoints") -> str | None:
+def resume_path(run_dir: str | os.PathLike, folder: str = RunDir.CHECKPOINTS) -> str | None:
     """The checkpoint the next ``trainer.fit`` resumes from: the newest intact one not marked bad
     (after a stop, the good one before the verdict's onset). None before the first launch.
 
