@@ -27,6 +27,8 @@ _EXPORTS = {
     "GuardConfig": "thermo.guard",
     "DivergenceError": "thermo.guard",
     "EXIT_DIVERGED": "thermo.guard",
+    "EXIT_PREEMPTED": "thermo.guard",
+    "Preempted": "thermo.guard",
     "Checkpoints": "thermo.checkpoints",
     "CheckpointConfig": "thermo.checkpoints",
     "Blacklist": "thermo.data",

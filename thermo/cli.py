@@ -322,7 +322,9 @@ def supervise(run_dir: Path, command: tuple[str, ...], max_restarts: int, max_st
     The command gets THERMO_RUN_DIR=RUN_DIR and must resume from the run directory when restarted
     (the Guard does). Every decision is recorded as an event in RUN_DIR/thermo.db. Exit status: 0
     when the command finishes, 1 when the supervisor gives up, 2 on bad input, 128+N when stopped
-    by signal N (SIGINT/SIGTERM stop the command cleanly).
+    by signal N (SIGINT, SIGTERM or SIGUSR1: the command gets SIGTERM, and its Guard checkpoints
+    within --grace). A command that exits after a preemption (code 87, or the Guard's preempt
+    event under torchrun) is relaunched without counting against --max-restarts.
     """
     from thermo.detector import DetectorConfig
     from thermo.supervisor import Supervisor, SupervisorConfig, SupervisorError

@@ -14,7 +14,9 @@ reads at those steps; the poison follows the samples wherever they are read: eac
 the gradient is scaled by 1e4, or with ``--poison-mode tokens`` its input is a pathological token
 pattern), ``--poison-pairs`` plants samples toxic only together, and
 ``--diverge-lr 0.03 --diverge-from 200`` forces a divergent learning rate. ``--resume auto``
-(the default) continues from the run directory after any restart, as `thermo supervise` needs.
+(the default) continues from the run directory after any restart, as `thermo supervise` needs,
+also on another number of ranks (the checkpoint reshards, the sample stream goes on). SIGTERM or
+SIGUSR1 checkpoint at the next step boundary and exit with code 87 (`EXIT_PREEMPTED`).
 
 ``examples/train_gpt.py`` runs this file; it lives in the package so that ``thermo demo`` works
 from any install.
@@ -40,7 +42,7 @@ from thermo.corpus import TokenDataset, stdlib_bytes
 from thermo.data import ResumableSampler
 from thermo.detector import DetectorConfig
 from thermo.gpt import GPT, GPTConfig
-from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig
+from thermo.guard import EXIT_DIVERGED, EXIT_PREEMPTED, DivergenceError, Guard, GuardConfig, Preempted
 from thermo.rundir import RunDir
 from thermo.thermometer import ThermometerConfig
 
@@ -121,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     f("--crash-on-start", action="store_true", help="exit with an error before training")
     f("--hang-at", type=int, default=0, metavar="STEP", help="rank --hang-rank sleeps forever at STEP")
     f("--hang-rank", type=int, default=0)
+    f("--preempt-at", type=int, default=0, metavar="STEP",
+      help="send this process --preempt-signal at the start of STEP (on --preempt-rank)")
+    f("--preempt-rank", type=int, default=-1, help="the rank --preempt-at signals (-1: every rank)")
+    f("--preempt-signal", choices=["SIGTERM", "SIGUSR1"], default="SIGTERM")
     f("--kill-during-checkpoint", type=int, default=0, metavar="STEP",
       help="SIGKILL this process half-way through writing the checkpoint of STEP")
     f("--fault-once", action="store_true",
@@ -291,6 +297,11 @@ class _Faults:
         if step == a.crash_at or (self.poison and not self.poison.isdisjoint(ids)):
             self._fire(f"crash at step {step} (batch {ids})")
             os._exit(3)  # a hard crash (like a kernel fault): nothing is flushed or closed
+        if step == a.preempt_at and a.preempt_rank in (-1, _dist.rank()):
+            import signal
+
+            self._fire(f"{a.preempt_signal} to rank {_dist.rank()} at step {step}")
+            os.kill(os.getpid(), getattr(signal, a.preempt_signal))  # as Slurm or Kubernetes would
         if step == a.hang_at and _dist.rank() == a.hang_rank:
             self._fire(f"rank {a.hang_rank} hangs at step {step}")
             while True:
@@ -458,6 +469,9 @@ def main(argv=None) -> int:
         print(f"train_gpt: {e}", file=sys.stderr)
         _shutdown(barrier=True)
         return EXIT_DIVERGED
+    except Preempted:  # every rank checkpointed the same step (the Guard logged it): all exit alike
+        _shutdown(barrier=True)
+        return EXIT_PREEMPTED
     except BaseException:
         # No barrier: the other ranks may be inside a collective of the step; torchrun ends them.
         _shutdown(barrier=False)

@@ -12,6 +12,7 @@ poisoned steps, is `LateSupervisor` in tests/test_supervisor.py.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,10 @@ def held_after_step(self) -> None:
     after_step(self)
     if step == hold and not marker.exists():
         marker.write_text("held\n")
+        # Held outside the loop, it never reaches the step boundary where the Guard acts on a
+        # SIGTERM (a preemption): the supervisor's SIGTERM ends it at once, as it ends a loop
+        # without a Guard.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(120)  # the supervisor's verdict ends it long before
 
 

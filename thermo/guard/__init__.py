@@ -18,6 +18,9 @@ The escalation ladder:
    or nothing. Without a ``loss_fn`` the samples of ``[onset - skip_before, detection +
    skip_after]`` are blacklisted. Never more than ``max_blacklist_fraction`` of the data.
 5. After ``max_rollbacks``, raise `DivergenceError` (exit code `EXIT_DIVERGED` for a supervisor).
+
+Preemption (``GuardConfig.preempt_signals``, `thermo.guard.preempt`): SIGTERM or SIGUSR1 make
+every rank checkpoint the same step boundary and raise `Preempted` (exit code `EXIT_PREEMPTED`).
 """
 
 from __future__ import annotations
@@ -25,21 +28,25 @@ from __future__ import annotations
 # `_DeviceSkip as _DeviceSkip`: private, re-exported because the tests import it from here.
 from thermo.guard.config import (
     EXIT_DIVERGED,
+    EXIT_PREEMPTED,
     DivergenceError,
     GuardConfig,
 )
 from thermo.guard.guard import Guard
+from thermo.guard.preempt import Preempted
 from thermo.guard.qkclip import QKClip
 from thermo.guard.skip import _DeviceSkip as _DeviceSkip
 from thermo.guard.watch import Plan, Watch, newest_usable, rollback_target, skip_window
 
 __all__ = [
     "EXIT_DIVERGED",
+    "EXIT_PREEMPTED",
     "DivergenceError",
     "Guard",
     "GuardConfig",
     "QKClip",
     "Plan",
+    "Preempted",
     "Watch",
     "newest_usable",
     "rollback_target",

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 # Exit status a training script uses when the guard gave up; `thermo supervise` knows it.
 EXIT_DIVERGED = 86
+# Exit status after a preemption signal (SIGTERM, SIGUSR1): the Guard checkpointed at a step
+# boundary on every rank and stopped; `thermo supervise` relaunches without counting a crash.
+EXIT_PREEMPTED = 87
 
 
 class DivergenceError(RuntimeError):
@@ -62,6 +66,11 @@ class GuardConfig:
             common case (raise it if yours is).
         max_blacklist_fraction: give up (`DivergenceError`) rather than blacklist more than this
             share of the dataset in one run (needs the data's size).
+        preempt_signals: signals (names) that ask the Guard to checkpoint at the next step
+            boundary on every rank and exit with `EXIT_PREEMPTED` (`thermo.guard.preempt`):
+            Slurm's ``--signal=USR1@120`` before a time limit, the SIGTERM of a preemption or of
+            Kubernetes. With several ranks the boundary is the next flush or checkpoint (at most
+            ``flush_every`` steps away); with one process, the step in progress. ``()``: off.
     """
 
     checkpoint_every: int = 100
@@ -84,6 +93,7 @@ class GuardConfig:
     replay_outlier_z: float = 6.0
     replay_max_toxic_share: float = 0.25
     max_blacklist_fraction: float = 0.05
+    preempt_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
 
     def __post_init__(self):
         for name in ("checkpoint_every", "skip_window", "lr_backoff_after"):
@@ -110,6 +120,11 @@ class GuardConfig:
             raise ValueError(
                 f"GuardConfig.max_blacklist_fraction must be in (0, 1], got {self.max_blacklist_fraction}"
             )
+        for name in self.preempt_signals:
+            if not (isinstance(getattr(signal, str(name), None), signal.Signals)
+                    and name not in ("SIGKILL", "SIGSTOP")):
+                raise ValueError(f"GuardConfig.preempt_signals must name signals that can be caught, like "
+                                 f"'SIGTERM' or 'SIGUSR1', got {name!r}")
         if self.skip_min_window > self.skip_window:
             raise ValueError(
                 f"GuardConfig.skip_min_window ({self.skip_min_window}) must be <= skip_window "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,16 +11,19 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from thermo.checkpoints import CheckpointConfig, Checkpoints
 from thermo import _dist
+from thermo.checkpoints import CheckpointConfig, Checkpoints
 from thermo.data import ResumableSampler, StatefulLoader
 from thermo.detector import DetectorConfig, Verdict
-from thermo.guard.config import GuardConfig
+from thermo.guard.config import EXIT_PREEMPTED, GuardConfig
+from thermo.guard.preempt import Preempted, Preemption
 from thermo.guard.qkclip import QKClip, qk_clip_thermometer
 from thermo.guard.skip import _DeviceSkip
 from thermo.guard.watch import Watch
 from thermo.probes import grad_norm_and_nonfinite, unwrap
 from thermo.thermometer import ThermometerConfig
+
+log = logging.getLogger("thermo")
 
 
 class _Data:
@@ -110,6 +114,11 @@ class Guard:
         guard.close()
 
     Steps are numbered from 1; checkpoint 0 is the initial state.
+
+    Preemption: a signal of ``config.preempt_signals`` (SIGTERM, SIGUSR1) makes `after_step`
+    checkpoint a step boundary on every rank alike, close the Guard and raise `Preempted`, a
+    `SystemExit` with code `EXIT_PREEMPTED` (uncaught, the process exits with it). The checkpoint
+    is pending: it turns good only after healthy steps follow it in the relaunched run.
     """
 
     def __init__(
@@ -152,6 +161,8 @@ class Guard:
         if not (resume and self._resume()):
             self._save(0)  # the initial state: always a checkpoint to go back to
             self.checkpoints.promote(self.checkpoints.config.good_after)  # nothing trained: healthy
+        self._flushes = self.therm.flushes  # a flush since the last step: a sync point (preemption)
+        self.preemption = Preemption(self.config.preempt_signals, self.therm.buffer.device)
 
     @property
     def rollbacks(self) -> int:
@@ -217,7 +228,11 @@ class Guard:
         if verdict is not None:
             self._rollback(verdict)
             return
-        if self.step % self.config.checkpoint_every == 0:
+        checkpoint = self.step % self.config.checkpoint_every == 0
+        flushed, self._flushes = self.therm.flushes != self._flushes, self.therm.flushes
+        # A collective at the steps that synced anyway; the same decision on every rank.
+        preempt = self.preemption.due(boundary=flushed or checkpoint)
+        if checkpoint or preempt:
             # What the checkpoint holds goes to the store first (checkpoint_every need not be a
             # multiple of flush_every); a verdict in those steps is acted on instead.
             verdict = self.watch.flush(self.step)
@@ -225,6 +240,8 @@ class Guard:
                 self._rollback(verdict)
                 return
             self._save(self.step)
+        if preempt:
+            self._preempted()
         self.step += 1
 
     def after_update(self) -> None:
@@ -240,6 +257,16 @@ class Guard:
             return gn.full_tensor() if isinstance(gn, DTensor) else gn
         gn, _ = grad_norm_and_nonfinite(self.params)
         return gn
+
+    def _preempted(self):
+        """The checkpoint of this step is written on every rank: record why, close, exit."""
+        err = Preempted(self.step, self.preemption.decided)
+        if self.rank0:
+            self.store.event("preempt", str(err), step=self.step, signal=err.signal, checkpoint=self.step,
+                             exit_code=EXIT_PREEMPTED)
+            log.warning("thermo: %s", err)
+        self.close()
+        raise err
 
     # -- rollback ----------------------------------------------------------------------------
 
@@ -354,3 +381,4 @@ class Guard:
 
     def __exit__(self, *exc) -> None:
         self.close()
+        self.preemption.remove()

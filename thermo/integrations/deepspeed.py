@@ -125,7 +125,9 @@ class DeepSpeedGuard:
         guard.close()
 
     Every rank runs the loop; every rank rolls back together (rank 0 decides). Records the
-    Guard's keys and events (see `thermo.Guard`).
+    Guard's keys and events (see `thermo.Guard`). Preemption is the Guard's: SIGTERM or SIGUSR1
+    make `after_step` save through the engine at the next step boundary and raise
+    `thermo.Preempted` (exit code 87).
     """
 
     def __init__(

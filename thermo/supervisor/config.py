@@ -87,7 +87,7 @@ class Launch:
     guard: bool = False  # wrote a heartbeat: a Guard loop, which can act on a verdict itself
     records: int = 0  # records this launch wrote that the detector read
     end: float | None = None
-    ending: str = ""  # finished | divergence | crash | hang | stopped | relaunch
+    ending: str = ""  # finished | divergence | crash | hang | stopped | relaunch | preempted
     exit_code: int | None = None
     fault_time: float | None = None  # when the fault happened, as closely as can be told
     verdict: Verdict | None = None

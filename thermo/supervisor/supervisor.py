@@ -20,7 +20,7 @@ import pandas as pd
 
 from thermo._io import WRITER_TOKEN_ENV, RunDirError, WriterLock
 from thermo.detector import Verdict
-from thermo.guard import EXIT_DIVERGED, rollback_target, skip_window
+from thermo.guard import EXIT_DIVERGED, EXIT_PREEMPTED, rollback_target, skip_window
 from thermo.store import Store, StoreError
 from thermo.supervisor.checks import (
     _check_same_run_dir,
@@ -54,7 +54,7 @@ class Supervisor:
     ``supervise``  started / finished: command, launches
     ``verdict``    the supervisor's own detector found a divergence: the `Verdict` fields, source
     ``blacklist``  added, removed, reason, steps, source="supervisor"
-    ``restart``    reason (divergence, crash, hang), exit_code, step, launch, checkpoint, bad
+    ``restart``    reason (divergence, crash, hang, preempted), exit_code, step, launch, checkpoint, bad
     ``give_up``    reason, launches, last_error
     ``stop``       reason (the signal), step
     ============= ===================================================================================
@@ -160,6 +160,14 @@ class Supervisor:
             self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, start_new_session=True,
                                           pass_fds=(self._writer.fd,) if self._writer.fd is not None else ())
+            if launch.ending == "preempted":  # not a crash: relaunch at once, no budget spent
+                if self._stop is not None:
+                    return self._finish("stopped", 128 + self._stop, f"stopped by {signal.Signals(self._stop).name}")
+                self._say(f"{launch.why}; relaunching (not counted as a restart)")
+                self._event("restart", f"relaunch: {launch.why}", step=launch.current, reason="preempted",
+                            exit_code=launch.exit_code, launch=launch.number,
+                            checkpoint=self._read(lambda: self._preempted(launch), None))
+                continue
         except OSError as e:
             raise SupervisorError(f"cannot start {self.command[0]!r}: {e.strerror or e}") from None
         launch.pid = self._proc.pid
@@ -346,6 +354,12 @@ class Supervisor:
     def _blacklist(self, ids: list[int], reason: str, verdict: Verdict | None, steps: list[int]) -> None:
         from thermo.data import Blacklist
 
+        elif rc == EXIT_PREEMPTED or self._read(lambda: self._preempted(launch), None) is not None:
+            # The Guard got SIGTERM/SIGUSR1 and checkpointed first (torchrun reports a worker's
+            # exit 87 as 1: its `preempt` event tells).
+            launch.ending = "preempted"
+            launch.why = (f"preempted ({_describe_exit(rc)}): checkpoint "
+                          f"{self._read(lambda: self._preempted(launch), None)} written")
         added = Blacklist(self.run_dir).add(ids, reason=reason, verdict=verdict, source="supervisor")
         self.blacklisted += added
         self._restart_info["blacklisted"] = len(added)
@@ -490,7 +504,9 @@ class Supervisor:
         def stop(signum, frame):
             self._stop = signum
 
-        return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGUSR1: Slurm's warning before a time limit (--signal=USR1@...); stopping SIGTERMs the
+        # command, whose Guard checkpoints at the next step boundary within `grace`.
+        return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Ask a running `run` (in another thread) to stop the command and return."""
@@ -505,3 +521,10 @@ def supervise(run_dir: str | os.PathLike, command: list[str], config: Supervisor
 
 def _config_json(cfg: SupervisorConfig) -> dict:
     return asdict(cfg)
+    def _preempted(self, launch: Launch) -> int | None:
+        """The checkpoint this launch's Guard wrote on a preemption signal (its ``preempt``
+        event), or None."""
+        ev = self.store.events()
+        ev = ev[(ev["time"] >= launch.start) & (ev["kind"] == "preempt")]
+        return int(ev.iloc[-1]["data"]["checkpoint"]) if len(ev) else None
+
