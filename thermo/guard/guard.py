@@ -373,6 +373,7 @@ class Guard:
         if self._closed:
             return
         self._closed = True
+        self.preemption.remove()
         self.watch.close()
         self.skip.remove()
 
@@ -381,4 +382,3 @@ class Guard:
 
     def __exit__(self, *exc) -> None:
         self.close()
-        self.preemption.remove()

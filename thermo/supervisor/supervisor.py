@@ -128,6 +128,14 @@ class Supervisor:
                 return self._finish("stopped", 128 + (self._stop or signal.SIGTERM), launch.why)
             if launch.ending == "finished":
                 return self._finish("finished", 0, launch.why)
+            if launch.ending == "preempted":  # not a crash: relaunch at once, no budget spent
+                if self._stop is not None:
+                    return self._finish("stopped", 128 + self._stop, f"stopped by {signal.Signals(self._stop).name}")
+                self._say(f"{launch.why}; relaunching (not counted as a restart)")
+                self._event("restart", f"relaunch: {launch.why}", step=launch.current, reason="preempted",
+                            exit_code=launch.exit_code, launch=launch.number,
+                            checkpoint=self._read(lambda: self._preempted(launch), None))
+                continue
             if launch.step is not None and launch.step > best:
                 best, stalled = launch.step, 0
             else:
@@ -160,14 +168,6 @@ class Supervisor:
             self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, start_new_session=True,
                                           pass_fds=(self._writer.fd,) if self._writer.fd is not None else ())
-            if launch.ending == "preempted":  # not a crash: relaunch at once, no budget spent
-                if self._stop is not None:
-                    return self._finish("stopped", 128 + self._stop, f"stopped by {signal.Signals(self._stop).name}")
-                self._say(f"{launch.why}; relaunching (not counted as a restart)")
-                self._event("restart", f"relaunch: {launch.why}", step=launch.current, reason="preempted",
-                            exit_code=launch.exit_code, launch=launch.number,
-                            checkpoint=self._read(lambda: self._preempted(launch), None))
-                continue
         except OSError as e:
             raise SupervisorError(f"cannot start {self.command[0]!r}: {e.strerror or e}") from None
         launch.pid = self._proc.pid
@@ -299,6 +299,12 @@ class Supervisor:
             launch.why = f"{who} ({_describe_exit(rc)})" + (f": {v.message}" if v else "")
             if v is not None:
                 launch.fault_time = self._read(lambda: self._record_time(v, launch.fault_time), launch.fault_time)
+        elif rc == EXIT_PREEMPTED or self._read(lambda: self._preempted(launch), None) is not None:
+            # The Guard got SIGTERM/SIGUSR1 and checkpointed first (torchrun reports a worker's
+            # exit 87 as 1: its `preempt` event tells).
+            launch.ending = "preempted"
+            launch.why = (f"preempted ({_describe_exit(rc)}): checkpoint "
+                          f"{self._read(lambda: self._preempted(launch), None)} written")
         else:
             launch.ending = "crash"
             where = f"at step {launch.current}" if launch.current is not None else "before its first step"
@@ -354,12 +360,6 @@ class Supervisor:
     def _blacklist(self, ids: list[int], reason: str, verdict: Verdict | None, steps: list[int]) -> None:
         from thermo.data import Blacklist
 
-        elif rc == EXIT_PREEMPTED or self._read(lambda: self._preempted(launch), None) is not None:
-            # The Guard got SIGTERM/SIGUSR1 and checkpointed first (torchrun reports a worker's
-            # exit 87 as 1: its `preempt` event tells).
-            launch.ending = "preempted"
-            launch.why = (f"preempted ({_describe_exit(rc)}): checkpoint "
-                          f"{self._read(lambda: self._preempted(launch), None)} written")
         added = Blacklist(self.run_dir).add(ids, reason=reason, verdict=verdict, source="supervisor")
         self.blacklisted += added
         self._restart_info["blacklisted"] = len(added)
@@ -419,6 +419,13 @@ class Supervisor:
         ev = ev[(ev["time"] >= launch.start) & ev["kind"].isin(["verdict", "rollback"])]
         ev = ev[ev["data"].map(lambda d: d.get("source") != "supervisor")]
         return len(ev) > 0 and ev.iloc[-1]["kind"] == "verdict"
+
+    def _preempted(self, launch: Launch) -> int | None:
+        """The checkpoint this launch's Guard wrote on a preemption signal (its ``preempt``
+        event), or None."""
+        ev = self.store.events()
+        ev = ev[(ev["time"] >= launch.start) & (ev["kind"] == "preempt")]
+        return int(ev.iloc[-1]["data"]["checkpoint"]) if len(ev) else None
 
     def _stopped_to_resume(self, launch: Launch) -> int | None:
         """The checkpoint a framework adapter stopped this launch to resume from (its
@@ -521,10 +528,3 @@ def supervise(run_dir: str | os.PathLike, command: list[str], config: Supervisor
 
 def _config_json(cfg: SupervisorConfig) -> dict:
     return asdict(cfg)
-    def _preempted(self, launch: Launch) -> int | None:
-        """The checkpoint this launch's Guard wrote on a preemption signal (its ``preempt``
-        event), or None."""
-        ev = self.store.events()
-        ev = ev[(ev["time"] >= launch.start) & (ev["kind"] == "preempt")]
-        return int(ev.iloc[-1]["data"]["checkpoint"]) if len(ev) else None
-
