@@ -47,7 +47,7 @@ from thermo import _dist
 from thermo.checkpoints import CheckpointConfig, Checkpoints
 from thermo.detector import DetectorConfig
 from thermo.guard import GuardConfig
-from thermo.integrations import _barrier, _loss_of, _require, _Watch
+from thermo.integrations import _loss_of, _require, _Watch
 from thermo.probes import grad_norm_and_nonfinite
 from thermo.thermometer import ThermometerConfig
 
@@ -241,7 +241,7 @@ class ThermoCallback(TrainerCallback):
         target = self.watch.stop(verdict)  # raises DivergenceError past max_rollbacks
         if _dist.is_rank0():
             self._hide_checkpoints_after(target.step)
-        _barrier()
+        _dist.barrier()
         self.verdict = verdict
         control.should_training_stop = True
         control.should_save = False  # never a checkpoint of the sick state
