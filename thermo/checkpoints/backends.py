@@ -45,7 +45,14 @@ def backend_name(backend: CheckpointBackend) -> str:
 
 class DCPBackend:
     """The default backend: model, optimizer, scheduler and each rank's RNG through
-    ``torch.distributed.checkpoint`` (plain, DDP, FSDP2, DDP + ZeroRedundancyOptimizer)."""
+    ``torch.distributed.checkpoint`` (plain, DDP, FSDP2, DDP + ZeroRedundancyOptimizer).
+
+    A checkpoint loads on another number of ranks: every state is keyed by parameter name, so DCP
+    lays FSDP2's shards out anew. ZeroRedundancyOptimizer's own ``state_dict()`` is laid out by
+    rank partition and is never saved: each rank saves its local optimizer's state (the
+    parameters it owns, by name; together every parameter once) and loads whatever the new
+    partition gives it; the global param groups travel once, as ``optim_groups``. RNG states are
+    per rank: a rank that did not exist warns and keeps its own."""
 
     name = "dcp"
 

@@ -356,6 +356,14 @@ class Guard:
         out = self._restore(entry)
         self.lr_scale = float(out["extra"].get("guard", {}).get("lr_scale", 1.0))
         self.watch.resumed(entry.step)
+        ranks = _dist.world_size()
+        if self.rank0 and entry.world_size and entry.world_size != ranks:
+            # The backend resharded it (DCP); the sampler's position is global, so the stream of
+            # global batches goes on as if nothing changed.
+            msg = f"checkpoint {entry.step} was written by {entry.world_size} ranks, resumed on {ranks}"
+            self.store.event("resize", msg, step=entry.step, checkpoint=entry.step,
+                             from_world_size=entry.world_size, to_world_size=ranks)
+            log.info("thermo: %s", msg)
         self.step = entry.step + 1
         return True
 
