@@ -485,10 +485,6 @@ def test_watched_modules_that_never_run_are_named_once():
     therm.close()
 
 
-@pytest.mark.xfail(strict=True, reason="thermometer._reset_stale_compiles counts the code torch compiles "
-                   "inside flex_attention (its _flex_attention_hop_wrapper lives as long as torch) as the "
-                   "user's stale compiled code: after any flex_attention call, every new Thermometer warns "
-                   "and resets torch.compile's cache")
 def test_a_flex_attention_call_before_attaching_is_not_a_stale_compile():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     import warnings

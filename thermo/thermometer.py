@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -720,11 +721,14 @@ def _event_done(event) -> bool:
 
 def _reset_stale_compiles() -> None:
     """Hooks added to a module torch.compile already traced never fire (hook guards are skipped),
-    silently. If dynamo holds compiled code, drop it so the next call retraces with the hooks."""
+    silently. If dynamo holds compiled code of the user's, drop it so the next call retraces with
+    the hooks. Code torch compiles for itself (flex_attention's eager path) is not the user's."""
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
     try:
         from torch._dynamo import convert_frame
 
-        compiled = any(ref() is not None for ref in convert_frame.input_codes.seen)
+        codes = (ref() for ref in convert_frame.input_codes.seen)
+        compiled = any(c is not None and not c.co_filename.startswith(torch_dir) for c in codes)
     except (ImportError, AttributeError):  # internals moved: the first flush's silence check warns
         compiled = False
     if compiled:
