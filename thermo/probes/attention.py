@@ -173,8 +173,9 @@ class AttentionFinder(TorchFunctionMode):
     Every module gets a pre-hook and a forward hook that keep the stack of modules being run; the
     outermost one pushes this mode, which sees every torch function call in the forward. A call
     of ``scaled_dot_product_attention``, ``flex_attention`` (its higher-order op),
-    ``multi_head_attention_forward`` or a softmax over the last dim of a q @ kᵀ product is attributed to the innermost module running (for the softmax:
-    the innermost one that made the product, so an ``nn.Softmax`` child counts for its parent).
+    ``multi_head_attention_forward`` or a softmax over the last dim of a q @ kᵀ product is
+    attributed to the innermost module running (for the softmax: the innermost one that made the
+    product, so an ``nn.Softmax`` child counts for its parent).
     Hugging Face's attention-function registry (``ALL_ATTENTION_FUNCTIONS``: sdpa, eager) ends in
     those calls, so it counts wherever the module calls it. The logits of these first forwards
     are measured too (`measured`), so the first step is recorded like any other.
