@@ -273,3 +273,44 @@ def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "thermo.integrations.hf", raising=False)
     with pytest.raises(ImportError, match=r"pip install thermo\[hf\]"):
         importlib.import_module("thermo.integrations.hf")
+
+
+def test_a_signal_saves_a_checkpoint_stops_the_trainer_and_the_relaunch_resumes_there(tmp_path):
+    """SIGUSR1 during step 33 (one process: that step is the boundary): the Trainer saves
+    checkpoint-33 and stops, train() raises Preempted (exit 87); thermo's manifest holds the
+    checkpoint pending until healthy steps follow it in the relaunch, which resumes there."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    from thermo.guard import EXIT_PREEMPTED, Preempted
+
+    class Scheduler(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 32:  # step 33 is in progress
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    def cb():
+        return ThermoCallback(thermometer=ThermometerConfig(flush_every=10, attn_every=5),
+                              checkpoints=CheckpointConfig(good_after=10))
+
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGUSR1)
+    first = MiniTrainer(out, BlacklistDataset(LMData(), out / "thermo"), cb(), max_steps=50)
+    first.handler.add_callback(Scheduler)
+    with pytest.raises(Preempted) as e:
+        first.train()
+    assert e.value.code == EXIT_PREEMPTED and e.value.step == 33
+    assert signal.getsignal(signal.SIGUSR1) is before and hooks(first.model) == 0
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-33")
+    manifest = lambda: {e["step"]: e["health"] for e in json.loads((out / "thermo" / "manifest.json").read_text())["checkpoints"]}  # noqa: E731
+    assert manifest()[33] == "pending"
+    ev = thermo.load(out / "thermo").events
+    (pre,) = ev[ev["kind"] == "preempt"]["data"]
+    assert (pre["checkpoint"], pre["signal"]) == (33, "SIGUSR1")
+
+    state = MiniTrainer(out, BlacklistDataset(LMData(), out / "thermo"), cb(), max_steps=50).train(
+        resume_from_checkpoint=get_last_checkpoint(str(out)))
+    assert state.global_step == 50
+    assert manifest()[33] == "good"  # healthy through the flush at step 50 (good_after=10)
+    assert thermo.load(out / "thermo").scalars["step"].tolist() == list(range(1, 51))

@@ -21,6 +21,12 @@ the data order after the relaunch is the Trainer's for the shorter dataset, not 
 that never saw those samples would have read (the `Guard` and `DeepSpeedGuard` give that, in
 loops thermo owns). Past ``max_rollbacks`` stops, `thermo.DivergenceError` is raised.
 
+Preemption (``GuardConfig.preempt_signals``: SIGTERM, SIGUSR1): at the next step boundary every
+rank agrees (as in the `Guard`: at a flush or a save step with several ranks, the step in progress
+with one), the Trainer saves ``checkpoint-N`` and stops, and ``trainer.train()`` raises
+`thermo.Preempted` (exit code 87). The checkpoint is pending until healthy steps follow it after
+the relaunch (``resume_from_checkpoint=get_last_checkpoint(output_dir)``).
+
 What is recorded, without a host sync between flushes: per-layer extremes (the thermometer's
 hooks, attached at ``on_train_begin``, before the first compiled call), ``loss`` (the ``loss`` of
 the model's output, read by a forward hook and averaged over accumulated micro-batches) and
@@ -46,7 +52,8 @@ import torch
 from thermo import _dist
 from thermo.checkpoints import CheckpointConfig, Checkpoints
 from thermo.detector import DetectorConfig
-from thermo.guard import GuardConfig
+from thermo.guard import EXIT_PREEMPTED, GuardConfig, Preempted
+from thermo.guard.preempt import Preemption
 from thermo.integrations import _loss_of, _require, _Watch
 from thermo.probes import grad_norm_and_nonfinite
 from thermo.thermometer import ThermometerConfig
@@ -148,6 +155,8 @@ class ThermoCallback(TrainerCallback):
         self.sinks = sinks
         self.watch: _Watch | None = None
         self.verdict = None
+        self.preempted: Preempted | None = None  # set when a signal stopped the Trainer
+        self._preemption: Preemption | None = None
         self._handles: list[Any] = []
         self._metrics: dict[str, float] = {}  # thermo's values for the Trainer's next log
         self._reset_step()
@@ -212,6 +221,8 @@ class ThermoCallback(TrainerCallback):
         if not self.watch.begin(state.global_step):
             ckpts.save(0, model)  # "start from scratch": always a state to go back to
             ckpts.promote(ckpts.config.good_after)
+        self._flushes = self.watch.therm.flushes
+        self._preemption = Preemption(self.config.preempt_signals, self.watch.therm.buffer.device)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._reset_step()
@@ -236,7 +247,11 @@ class ThermoCallback(TrainerCallback):
         if metrics:  # rank 0, at a flush: into the Trainer's next log (log_history and on_log)
             self._metrics = metrics
             control.should_log = True
+        flushed, self._flushes = self.watch.therm.flushes != self._flushes, self.watch.therm.flushes
         if verdict is None:
+            # A collective at the steps that synced anyway (a flush, a save): every rank alike.
+            if self._preemption.due(boundary=flushed or control.should_save):
+                self._preempt(state.global_step, control)
             return control
         target = self.watch.stop(verdict)  # raises DivergenceError past max_rollbacks
         if _dist.is_rank0():
@@ -265,6 +280,17 @@ class ThermoCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
+        if self.preempted is not None:
+            raise self.preempted  # a SystemExit: the script exits EXIT_PREEMPTED unless it catches it
+
+    def _preempt(self, step: int, control) -> None:
+        """Save ``checkpoint-<step>`` (the Trainer does, right after this step) and stop."""
+        self.preempted = Preempted(step, self._preemption.decided)
+        if _dist.is_rank0():
+            self.watch.store.event("preempt", str(self.preempted), step=step, signal=self.preempted.signal,
+                                   checkpoint=step, exit_code=EXIT_PREEMPTED)
+        control.should_save = True
+        control.should_training_stop = True
 
     def _hide_checkpoints_after(self, step: int) -> None:
         for folder in self.output_dir.iterdir():
@@ -279,5 +305,7 @@ class ThermoCallback(TrainerCallback):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._preemption is not None:
+            self._preemption.remove()
         if self.watch is not None:
             self.watch.close()
