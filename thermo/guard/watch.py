@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import time
 import warnings
 from contextlib import contextmanager
@@ -243,13 +244,18 @@ class Watch:
 
     def heartbeat(self, step: int, ids: list[int] | None = None) -> None:
         """What `thermo supervise` watches: the step in progress and (when the host knows them
-        without a sync) its sample ids. No fsync: it only has to be fresh, not durable."""
+        without a sync) its sample ids. No fsync: it only has to be fresh, not durable. ``seq``
+        counts this process's beats: the supervisor, maybe on another host, judges staleness by
+        when it last saw the beat change, by its own clock; ``time`` (this host's clock) and
+        ``host`` are for people."""
         if not self.rank0:
             return
+        self._beats = getattr(self, "_beats", 0) + 1
         path = RunDir(self.run_dir).heartbeat
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "step": step, "attempt": self.therm.attempt,
-                                   "ids": ids or [], "time": time.time()}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "seq": self._beats,
+                                   "step": step, "attempt": self.therm.attempt, "ids": ids or [],
+                                   "time": time.time()}))
         os.replace(tmp, path)
 
     def rewind(self, step: int, reason: str) -> None:
