@@ -10,8 +10,10 @@ signal         source
 ============== ====================================================================================
 exit code      0: done. `EXIT_DIVERGED` (or a ``give_up`` event: torchrun turns every failure into
                exit 1): the Guard gave up. Anything else: a crash.
-heartbeat      ``RUN/heartbeat.json`` (the Guard writes it at every step), or new rows in the
-               store: no sign of life for ``hang_timeout`` seconds is a hang.
+heartbeat      ``RUN/heartbeat.json`` (the Guard writes it at every step, with a counter), or new
+               rows in the store: no change seen for ``hang_timeout`` seconds, by this process's
+               clock, is a hang (the heartbeat's own timestamp, maybe another host's clock, is
+               never compared with it).
 metrics store  the same `Detector` the Guard runs, fed with the store's records as they arrive
                (replayed per attempt, like `detect_run`), so a loop that only logs through a
                Thermometer is protected too.
@@ -36,11 +38,21 @@ Decisions, each recorded as an event in the store (``verdict``, ``blacklist``, `
 One writer: the supervisor takes the run directory's writer lock (``RUN/.writer.lock``) and its
 command inherits it (with ``THERMO_WRITER_TOKEN``), so the two count as one writer and a command
 orphaned by a killed supervisor keeps a new one out. Stopping the command stops every process
-that carries that token in its environment, double-forked daemons included.
+that carries this supervisor's id (``THERMO_SUPERVISOR_ID``) in its environment, double-forked
+daemons included.
+
+Several nodes: when the command is torchrun with ``--nnodes`` above 1, run one supervisor per node,
+each around its node's agent, over one shared run directory (`thermo.supervisor.nodes`). The one
+holding the writer lock leads: it decides, repairs while every node's agent is stopped, and starts
+each launch on every node; the others follow it and exit with its exit code. torchrun keeps doing
+what it does (restart every node's workers after a rank's crash, re-form the group when nodes come
+and go).
 
 Example::
 
     $ thermo supervise runs/a --hang-timeout 600 -- torchrun --nproc_per_node=8 -m thermo.train_gpt
+    $ srun thermo supervise runs/a -- torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d \
+          --rdzv-endpoint=$HEAD:29500 --rdzv-id=$SLURM_JOB_ID -m thermo.train_gpt   # every node
 """
 
 from __future__ import annotations

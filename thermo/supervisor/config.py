@@ -92,6 +92,7 @@ class Launch:
     fault_time: float | None = None  # when the fault happened, as closely as can be told
     verdict: Verdict | None = None
     why: str = ""  # the ending in words
+    node: str = ""  # several nodes: the node whose agent failed (``<host>-<pid>`` of its supervisor)
 
 
 @dataclass

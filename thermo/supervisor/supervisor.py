@@ -7,11 +7,13 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -33,9 +35,14 @@ from thermo.supervisor.checks import (
 )
 from thermo.supervisor.config import Launch, Outcome, SupervisorConfig, SupervisorError
 from thermo.supervisor.feed import _StoreFeed
+from thermo.supervisor.nodes import JobFile, follow, live_nodes, torchrun_nodes, writer_info
 from thermo.supervisor.process import _describe_exit, _marked, _terminate, _tree
 
 log = logging.getLogger("thermo")
+
+# Every process of a command carries its supervisor's id: stopping the command stops them all,
+# and only them (the commands of two supervisors on one host carry the same writer token).
+SUPERVISOR_ID_ENV = "THERMO_SUPERVISOR_ID"
 
 
 class Supervisor:
@@ -51,12 +58,13 @@ class Supervisor:
     Events recorded (store ``events``; ``data`` keys):
 
     ============= ===================================================================================
-    ``supervise``  started / finished: command, launches
+    ``supervise``  started / finished: command, launches; several nodes: nodes (min, max, job, leader)
     ``verdict``    the supervisor's own detector found a divergence: the `Verdict` fields, source
     ``blacklist``  added, removed, reason, steps, source="supervisor"
-    ``restart``    reason (divergence, crash, hang, preempted), exit_code, step, launch, checkpoint, bad
+    ``restart``    reason (divergence, crash, hang, preempted), exit_code, step, launch, checkpoint, bad, node
     ``give_up``    reason, launches, last_error
     ``stop``       reason (the signal), step
+    ``node``       several nodes: a follower joined or is gone: node, joined
     ============= ===================================================================================
 
     Example:
@@ -80,6 +88,14 @@ class Supervisor:
         # A terminal shows the status at once; a log gets its first line after `status_every`.
         self._status_shown = 0.0 if self._tty else time.monotonic()
         self._warned: set[str] = set()
+        self._id = uuid.uuid4().hex
+        self._writer: WriterLock | None = None  # held by a leader (and a single node's supervisor)
+        self._token = ""  # the writer token the command gets
+        # Several nodes (torchrun --nnodes > 1): one supervisor per node; see `thermo.supervisor.nodes`.
+        self.nodes = torchrun_nodes(self.command, {**os.environ, **self.env})
+        self._job: JobFile | None = None  # the leader's job file
+        self._generation = 0  # the job's launch number (several nodes)
+        self._nodes_seen: dict[str, dict] = {}  # followers alive at the last look
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -92,14 +108,24 @@ class Supervisor:
         check_command(self.command)
         _check_same_run_dir(self.command, self.run_dir)
         check_run_dir(self.run_dir)
-        lock = _lock(self.run_dir)
+        # One supervisor per run directory; a job on several nodes has one per node, and the
+        # writer lock tells the leader from the followers.
+        lock = _lock(self.run_dir) if self.nodes is None else None
         try:
             # The run directory's one writer: this supervisor and the commands it launches (they
             # inherit the locked file, so an orphaned command still holds it).
-            self._writer = WriterLock(self.run_dir, "thermo supervise").acquire()
+            writer = WriterLock(self.run_dir, "thermo supervise").acquire()
         except RunDirError as e:
-            os.close(lock)
-            raise SupervisorError(str(e)) from None
+            if lock is not None:
+                os.close(lock)
+            token = self._leader_token() if self.nodes is not None else None
+            if token is None:
+                raise SupervisorError(str(e)) from None
+            return follow(self, token)
+        self._writer, self._token = writer, writer.token or ""
+        if self.nodes is not None:
+            self._job = JobFile(self.run_dir)
+            self._job_write("start")
         self.store = Store(self.run_dir, lock=False)
         handlers = self._install_signals()
         try:
@@ -109,21 +135,28 @@ class Supervisor:
                 self._kill_tree()  # never leave it unsupervised
             for sig, h in handlers.items():
                 signal.signal(sig, h)
+            if self._job is not None and (self._job.read() or {}).get("state") != "done":
+                self._job_write("done", exit_code=1, status="gave_up", message="the leader ended unexpectedly")
             self.store.close()
             self._writer.release()
-            os.close(lock)
+            if lock is not None:
+                os.close(lock)
 
     def _loop(self) -> Outcome:
         cfg = self.config
         self.feed = _StoreFeed(self.store, cfg.detector) if cfg.detect else None
         best = self.store.last_step()
         best, stalled, restarts = -1 if best is None else best, 0, 0
+        nodes = {} if self.nodes is None else {"nodes": {"min": self.nodes.min, "max": self.nodes.max,
+                                                          "job": self.nodes.job, "leader": _me()}}
         self.store.event("supervise", f"thermo supervise started: {shlex.join(self.command)}",
-                         command=self.command, config=_config_json(cfg))
+                         command=self.command, config=_config_json(cfg), **nodes)
         while True:
             launch = self._launch()
             self._watch(launch)
             self._clear_status()
+            if self._job is not None and launch.ending != "finished":
+                self._stop_nodes(launch)  # no trainer runs anywhere while the leader repairs
             if launch.ending == "stopped":
                 return self._finish("stopped", 128 + (self._stop or signal.SIGTERM), launch.why)
             if launch.ending == "finished":
@@ -152,7 +185,8 @@ class Supervisor:
             self._say(f"{launch.why}; restarting ({restarts}/{cfg.max_restarts})")
             self._event("restart", f"restart {restarts}: {launch.why}", step=launch.current,
                         reason=launch.ending, exit_code=launch.exit_code, launch=launch.number,
-                        fault_time=launch.fault_time, **self._restart_info)
+                        fault_time=launch.fault_time, **({"node": launch.node} if launch.node else {}),
+                        **self._restart_info)
             time.sleep(cfg.restart_delay)
             if self._stop is not None:
                 return self._finish("stopped", 128 + self._stop, f"stopped by {signal.Signals(self._stop).name}")
@@ -160,14 +194,25 @@ class Supervisor:
     def _launch(self) -> Launch:
         launch = Launch(number=len(self.launches) + 1, start=time.time())
         self._tail.clear()  # errors are this launch's
+        # The heartbeat there now is the last launch's: only one that differs is this one's.
+        self._beat0 = _beat_key(_read_heartbeat(self.run_dir))
+        if self._job is not None:
+            self._generation += 1
+            self._job_write("run")  # every node launches its agent
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, "THERMO_RUN_DIR": str(self.run_dir),
-               WRITER_TOKEN_ENV: self._writer.token or ""}
+               WRITER_TOKEN_ENV: self._token, SUPERVISOR_ID_ENV: self._id}
+        if self.nodes is not None:
+            # torch 2.13: after torchrun restarts the workers of every node (a rank crashed),
+            # they hang in init_process_group on the TCP store the agents share (seen with two
+            # agents); with one store per round they resume. The user's setting wins.
+            env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         # A session of its own: signals to the supervisor's terminal do not reach it, and the
         # whole group can be signalled at once.
         try:
             self._proc = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, start_new_session=True,
-                                          pass_fds=(self._writer.fd,) if self._writer.fd is not None else ())
+                                          pass_fds=() if self._writer is None or self._writer.fd is None
+                                          else (self._writer.fd,))
         except OSError as e:
             raise SupervisorError(f"cannot start {self.command[0]!r}: {e.strerror or e}") from None
         launch.pid = self._proc.pid
@@ -184,13 +229,18 @@ class Supervisor:
         cfg = self.config
         alive_at = time.monotonic()  # last sign of life
         pending: tuple[Verdict, int, float] | None = None  # verdict, its attempt, when seen
-        beat_time = None
+        # A sign of life is a heartbeat that changed since the last look, judged by this
+        # process's clock: the heartbeat's own time comes from the host of rank 0, whose clock
+        # may be off (another node's), so it is never compared with ours.
+        seen = self._beat0
         while True:
             rc = self._proc.poll()
             progressed = False
             beat = _read_heartbeat(self.run_dir)
-            if beat is not None and beat["time"] > launch.start and beat["time"] != beat_time:
-                beat_time, progressed, launch.guard = beat["time"], True, True
+            if beat is not None and _beat_key(beat) != seen:
+                seen, progressed, launch.guard = _beat_key(beat), True, True
+                if self._job is not None:
+                    self._rank0_elsewhere(beat.get("host"))
                 launch.current = int(beat.get("step", 0))
                 launch.step = max(launch.step or 0, launch.current)
                 launch.ids = [int(i) for i in beat.get("ids", [])]
@@ -220,6 +270,11 @@ class Supervisor:
                 self._event("stop", f"thermo supervise stopped by {name}; the command was terminated",
                             step=launch.current, reason=name)
                 return
+            node = self._node_failed() if self._job is not None else None
+            if node is not None:
+                self._end(launch, "crash", node[1], time.time())
+                launch.exit_code, launch.node = node[2], node[0]
+                return
             if pending and (not launch.guard or now - pending[2] >= cfg.verdict_grace) \
                     and not self._read(lambda: self._guard_on_it(pending[0], launch), False):
                 v = pending[0]
@@ -238,12 +293,14 @@ class Supervisor:
 
     def _kill_tree(self) -> None:
         """Terminate the command's process tree, with every process that still carries this
-        supervisor's token in its environment (a daemon the command double-forked)."""
-        self._tree.update(_marked(WRITER_TOKEN_ENV, self._writer.token or ""))
+        supervisor's id in its environment (a daemon the command double-forked)."""
+        self._tree.update(_marked(SUPERVISOR_ID_ENV, self._id))
         _terminate(self._proc, self._tree, self.config.grace)
 
     def _end(self, launch: Launch, ending: str, why: str, fault_time: float, verdict: Verdict | None = None):
         """Terminate the command's process tree and note how the launch ended."""
+        if self._job is not None:
+            self._job_write("stop", why=why)  # every node stops its agent meanwhile
         self._kill_tree()
         self._join_pumps()
         launch.ending, launch.why, launch.verdict = ending, why, verdict
@@ -383,8 +440,72 @@ class Supervisor:
         if event:
             self._event("supervise", f"thermo supervise {msg}", step=self.launches[-1].step,
                         status=status, launches=n)
+        if self._job is not None:
+            self._job_write("done", exit_code=code, status=status, message=msg)  # every node exits with it
         self._say(msg)
         return Outcome(status, code, msg, self.launches, sorted(self.blacklisted))
+
+    # -- several nodes (the leader) ---------------------------------------------------------------
+
+    def _job_write(self, state: str, **fields) -> None:
+        self._job.write(job=self.nodes.job, token=self._token, leader=_me(), generation=self._generation,
+                        state=state, **fields)
+
+    def _leader_token(self) -> str | None:
+        """The writer lock is held: by this job's leader (its token, to follow it), or not (None).
+        The leader writes its job file just after it takes the lock: give it a moment."""
+        deadline = time.monotonic() + 30.0
+        while True:
+            info = writer_info(self.run_dir)
+            job = JobFile(self.run_dir).read()
+            if info.get("role", "thermo supervise") != "thermo supervise":
+                return None  # a trainer, or a tool: not a leader
+            if job is not None and job["token"] == info.get("token") and job["state"] != "done":
+                return job["token"] if job.get("job") == self.nodes.job else None  # another job's leader
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+
+    def _node_failed(self) -> tuple[str, str, int] | None:
+        """A follower whose agent of this launch exited with an error: (node, why, exit code).
+        Notes the followers that came and went (events)."""
+        nodes = {n["node"]: n for n in live_nodes(self.run_dir) if isinstance(n.get("node"), str)}
+        for name in nodes.keys() - self._nodes_seen.keys():
+            self._event("node", f"node {name} joined", node=name, joined=True)
+        for name in self._nodes_seen.keys() - nodes.keys():
+            self._event("node", f"node {name} is gone (its supervisor ended)", node=name, joined=False)
+        self._nodes_seen = nodes
+        for name, n in nodes.items():
+            rc = n.get("exit_code")
+            if n["generation"] == self._generation and n.get("state") == "exited" and isinstance(rc, int) and rc:
+                why = f"node {name}: its torchrun agent exited ({_describe_exit(rc)})"
+                return name, why + (f": {n['why']}" if n.get("why") else ""), rc
+        return None
+
+    def _rank0_elsewhere(self, host) -> None:
+        """Say once when the trainer's rank 0 runs on another host than the leader: both then open
+        thermo.db, and SQLite's WAL does not work across hosts on a network filesystem."""
+        if isinstance(host, str) and host != socket.gethostname() and "rank0 host" not in self._warned:
+            self._warned.add("rank0 host")
+            self._say(f"warning: the trainer's rank 0 runs on {host}, this leader on {socket.gethostname()}: "
+                      "both open thermo.db, which SQLite (WAL) supports on one host only. Start the first "
+                      f"supervisor on {host} (torchrun gives rank 0 to the node whose name sorts first)")
+
+    def _stop_nodes(self, launch: Launch) -> None:
+        """Tell every node to stop this launch, and wait until their agents are down (a lost
+        node's lock is free, so it is not waited for)."""
+        if (self._job.read() or {}).get("state") != "stop":
+            self._job_write("stop", why=launch.why)
+        deadline = time.monotonic() + self.config.grace + 10 * self.config.poll + 10.0
+        while True:
+            busy = [n["node"] for n in live_nodes(self.run_dir)
+                    if n["generation"] == self._generation and n.get("state") == "running"]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                self._say(f"warning: node(s) {', '.join(busy)} did not stop their agent in time; carrying on")
+                return
+            time.sleep(self.config.poll)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -528,3 +649,15 @@ def supervise(run_dir: str | os.PathLike, command: list[str], config: Supervisor
 
 def _config_json(cfg: SupervisorConfig) -> dict:
     return asdict(cfg)
+
+
+def _me() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _beat_key(beat: dict | None) -> tuple | None:
+    """What tells one heartbeat from the next: its writer, counter and step (``seq`` counts the
+    writer's beats; its ``time`` is only one more field that changes, never read as a time)."""
+    if beat is None:
+        return None
+    return tuple(repr(beat.get(k)) for k in ("pid", "seq", "attempt", "step", "time"))

@@ -1,0 +1,320 @@
+"""Several nodes, one job: a `thermo supervise` on every node, each around that node's torchrun
+agent, over one shared run directory.
+
+torchrun already restarts the workers of every node together when one fails (``--max-restarts``)
+and re-forms the group when nodes come or go (``--nnodes=MIN:MAX``); thermo leaves that to it.
+The supervisors act only where torchrun cannot: a divergence the Guard did not repair, a hung
+rank, an agent that died or ran out of restarts. Each of those ends the job's *launch* on every
+node together, and one supervisor repairs the run directory while no trainer runs, then starts
+the next launch on every node, so every node resumes from the same checkpoint with the same
+blacklist (the trainer's rank 0 picks them and broadcasts them):
+
+* The **leader** is the supervisor that holds the run directory's writer lock (the first to
+  start). It alone writes the shared files (store events, manifest, blacklist) and decides; the
+  trainer's rank 0, on whatever node it lands, writes as part of the same one writer (it is handed
+  the leader's token). The others are **followers**: they start and stop their node's agent
+  when the leader says so, and say how it ended.
+* ``RUN/.supervise/job.json``, the leader's: the job (torchrun's ``--rdzv-id``), the leader's
+  token, the launch number (``generation``) and its ``state``: ``run`` (every node runs its agent),
+  ``stop`` (every node stops it), ``done`` (every node exits with ``exit_code``).
+* ``RUN/.supervise/<host>-<pid>.json``, each follower's: the generation its agent belongs to and
+  its ``state`` (``waiting``, ``running``, ``exited`` with its exit code, ``stopped``). Its
+  ``.lock`` beside it is flocked while the follower lives: a lost node is told by its lock, which
+  the kernel (or the NFS server's lease) drops, never by comparing clocks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from thermo._io import atomic_write_json
+
+JOB_DIR = ".supervise"  # RUN/.supervise/: job.json (the leader's), <host>-<pid>.json + .lock (followers')
+JOB_FILE = "job.json"
+
+# torchrun's options that take no value (every other option before the script takes one).
+_FLAGS = {"--standalone", "-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path"}
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """What a torchrun command says about its nodes.
+
+    Attributes:
+        min, max: ``--nnodes`` (``MIN:MAX`` when elastic; ``min == max`` otherwise).
+        job: ``--rdzv-id``: the supervisors of one job share it (torchrun's default is "none").
+    """
+
+    min: int
+    max: int
+    job: str
+
+    @property
+    def elastic(self) -> bool:
+        return self.min < self.max
+
+
+def torchrun_nodes(command: list[str], env: dict[str, str] | None = None) -> Nodes | None:
+    """The nodes of a torchrun command (``torchrun ...`` or ``python -m torch.distributed.run
+    ...``), or None when it is not one or runs on one node only (``--nnodes`` at most 1). Reads
+    torchrun's options before the script, then its ``PET_*`` environment variables.
+
+    Example:
+        >>> torchrun_nodes(["torchrun", "--nnodes=1:4", "--rdzv-id=7", "train.py"])
+        Nodes(min=1, max=4, job='7')
+    """
+    env = os.environ if env is None else env
+    args = _torchrun_args(command)
+    if args is None:
+        return None
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("-"):
+            break  # the script: its own options follow
+        name, eq, value = a.partition("=")
+        if not eq and name not in _FLAGS and i + 1 < len(args):
+            value, i = args[i + 1], i + 1
+        opts[name.lstrip("-").replace("_", "-")] = value
+        i += 1
+    nnodes = opts.get("nnodes", env.get("PET_NNODES", "1"))
+    lo, _, hi = nnodes.partition(":")
+    try:
+        lo_n, hi_n = int(lo), int(hi or lo)
+    except ValueError:
+        return None  # torchrun itself will say what is wrong with it
+    if hi_n <= 1:
+        return None
+    return Nodes(lo_n, hi_n, opts.get("rdzv-id", env.get("PET_RDZV_ID", "none")))
+
+
+def _torchrun_args(command: list[str]) -> list[str] | None:
+    if not command:
+        return None
+    if os.path.basename(command[0]) == "torchrun":
+        return command[1:]
+    for i, a in enumerate(command[:-1]):
+        if a == "-m" and command[i + 1] in ("torch.distributed.run", "torch.distributed.launch"):
+            return command[i + 2:]
+    return None
+
+
+class JobFile:
+    """``RUN/.supervise/job.json``: written by the leader only, read by every supervisor."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / JOB_DIR / JOB_FILE
+
+    def write(self, **fields) -> None:
+        self.path.parent.mkdir(exist_ok=True)
+        atomic_write_json(self.path, fields)
+
+    def read(self) -> dict | None:
+        """The job file, or None if it is missing or not one (every field used is checked)."""
+        try:
+            with open(self.path, "rb") as f:
+                job = json.loads(f.read(1 << 16))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(job, dict) or not isinstance(job.get("token"), str) \
+                or not isinstance(job.get("generation"), int) or job.get("state") not in ("start", "run", "stop", "done"):
+            return None
+        return job
+
+
+class NodeFile:
+    """A follower's ``RUN/.supervise/<host>-<pid>.json``, and the ``.lock`` it holds while it lives."""
+
+    def __init__(self, run_dir: Path):
+        folder = Path(run_dir) / JOB_DIR
+        folder.mkdir(exist_ok=True)
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.path = folder / f"{self.name}.json"
+        # Locked under a temporary name, then renamed into place (the lock follows the file): a
+        # leader never finds this node's lock file unlocked and takes it for a lost node's.
+        tmp = folder / f".{self.name}.lock.tmp"
+        self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.replace(tmp, folder / f"{self.name}.lock")
+        self.report(0, "waiting")
+
+    def report(self, generation: int, state: str, exit_code: int | None = None, why: str = "") -> None:
+        atomic_write_json(self.path, {"node": self.name, "host": socket.gethostname(), "pid": os.getpid(),
+                                      "generation": generation, "state": state, "exit_code": exit_code,
+                                      "why": why})
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        for p in (self.path, self.path.with_suffix(".lock")):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def live_nodes(run_dir: Path) -> list[dict]:
+    """The followers alive now (their lock is held), with what each last reported. A lost one's
+    files are removed."""
+    out = []
+    for lock in sorted((Path(run_dir) / JOB_DIR).glob("*.lock")):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue  # gone meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass  # held: alive
+            else:  # nobody holds it: that follower is gone
+                for p in (lock.with_suffix(".json"), lock):
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
+                continue
+        finally:
+            os.close(fd)
+        try:
+            node = json.loads(lock.with_suffix(".json").read_bytes()[: 1 << 16])
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(node, dict) and isinstance(node.get("generation"), int):
+            out.append(node)
+    return out
+
+
+def writer_info(run_dir: Path) -> dict:
+    """What the run directory's writer lock file says of its holder (pid, host, role, token):
+    a follower hands the leader's token to its command, so that rank 0, on whatever node it runs,
+    writes as part of the leader's one writer."""
+    from thermo.rundir import RunDir
+
+    try:
+        with open(RunDir(run_dir).writer_lock, "rb") as f:
+            info = json.loads(f.read(1 << 12) or b"{}")
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _leader_alive(run_dir: Path, token: str) -> bool:
+    """The leader (or the trainer it started on its node, which inherited the lock) still holds
+    the writer lock it took with `token`."""
+    from thermo.rundir import RunDir
+
+    if writer_info(run_dir).get("token") != token:
+        return False
+    try:
+        fd = os.open(RunDir(run_dir).writer_lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (a lock we got goes with it)
+    return False
+
+
+def follow(sup, token: str):
+    """A follower's loop: run this node's agent for each launch the leader starts, stop it when
+    the leader stops the launch, say how it ended, and exit with the job's exit code. The leader
+    repairs the run directory; a follower writes nothing of it but its own node file.
+
+    Args:
+        sup: the `Supervisor` (its command, config, process handling).
+        token: the leader's writer token, handed to the command.
+
+    Returns:
+        The job's `Outcome` as the leader decided it (``exit_code`` the leader's).
+    """
+    from thermo.supervisor.config import Outcome
+
+    job_file, poll = JobFile(sup.run_dir), sup.config.poll
+    sup._token = token
+    me = NodeFile(sup.run_dir)
+    handlers = sup._install_signals()
+    job = job_file.read() or {}
+    sup._say(f"node {me.name} follows the leader, {job.get('leader', '?')} (job {sup.nodes.job})")
+    launched = 0
+    try:
+        while True:
+            job = job_file.read()
+            if job is not None and job["token"] == token:
+                if job["state"] == "done":
+                    code = job.get("exit_code")
+                    code = code if isinstance(code, int) else 1
+                    sup._say(f"the leader ended the job (exit code {code}): {job.get('message', '')}")
+                    return Outcome(str(job.get("status", "finished")), code, str(job.get("message", "")),
+                                   sup.launches, [])
+                if job["state"] == "run" and job["generation"] > launched:
+                    launched = job["generation"]
+                    me.report(launched, "running")
+                    # Said "running" before looking again: a leader that stops this launch meanwhile
+                    # waits for this node, or this node sees the stop and never starts.
+                    job = job_file.read()
+                    if job is not None and job["state"] == "run" and job["generation"] == launched:
+                        _run_launch(sup, me, job_file, token, launched)
+                    else:
+                        me.report(launched, "stopped")
+                    continue
+            if sup._stop is not None:
+                sig = sup._stop
+                return Outcome("stopped", 128 + sig, f"stopped by signal {sig}", sup.launches, [])
+            if not _leader_alive(sup.run_dir, token):
+                msg = (f"the leader ({(job or {}).get('leader', '?')}) is gone: its node was lost or it was "
+                       "killed; start the job again (every node's supervisor)")
+                sup._say(msg)
+                return Outcome("gave_up", 1, msg, sup.launches, [])
+            time.sleep(poll)
+    finally:
+        if sup._proc is not None and sup._proc.poll() is None:
+            sup._kill_tree()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        me.close()
+
+
+def _run_launch(sup, me: NodeFile, job_file: JobFile, token: str, generation: int) -> None:
+    """Run this node's agent for launch `generation` until it exits or the leader stops it."""
+    from thermo.supervisor.process import _describe_exit, _tree
+
+    launch = sup._launch()
+    while True:
+        rc = sup._proc.poll()
+        if rc is not None:
+            sup._kill_tree()  # what it left behind
+            sup._join_pumps()
+            launch.exit_code, launch.end = rc, time.time()
+            launch.ending = "finished" if rc == 0 else "crash"
+            launch.why = f"this node's agent exited ({_describe_exit(rc)})"
+            sup._say(launch.why)
+            me.report(generation, "exited", rc, "" if rc == 0 else sup._last_error())
+            return
+        job = job_file.read()  # None: unreadable for a moment; the leader's lock says if it is gone
+        stop = job is not None and (job["token"] != token or job["generation"] != generation
+                                    or job["state"] != "run")
+        if stop or sup._stop is not None or (job is None and not _leader_alive(sup.run_dir, token)):
+            why = (job or {}).get("why") or "the leader ended the launch"
+            sup._say(f"stopping this node's agent: {why}")
+            sup._kill_tree()
+            sup._join_pumps()
+            launch.exit_code, launch.end, launch.ending, launch.why = sup._proc.returncode, time.time(), \
+                "stopped", why
+            me.report(generation, "stopped", sup._proc.returncode)
+            return
+        sup._tree.update(_tree(sup._proc.pid))
+        time.sleep(sup.config.poll)
