@@ -21,6 +21,10 @@ file                written by                   read by
 ``heartbeat.json``  rank 0 every step boundary   the supervisor (hang detection)
 ``.writer.lock``    the one writer (flock)       a second writer, to refuse itself
 ``.supervise.lock`` the one supervisor (flock)   a second supervisor, to refuse itself
+``.supervise/``     several nodes: the leading   every node's supervisor (``job.json``), the
+                    supervisor (``job.json``),   leader (the nodes' files; a node's ``.lock``
+                    each follower its own node   is flocked while it lives)
+                    file (``<host>-<pid>.json``)
 =================== ============================ ==========================================
 """
 
@@ -60,6 +64,7 @@ class RunDir(os.PathLike):
     HEARTBEAT = "heartbeat.json"
     WRITER_LOCK = ".writer.lock"
     SUPERVISE_LOCK = ".supervise.lock"
+    SUPERVISE_DIR = ".supervise"  # several nodes: the leader's job.json, each follower's node file
     # SQLite's companions of the store in WAL mode.
     DB_SIDECARS = ("thermo.db-wal", "thermo.db-shm", "thermo.db-journal")
 
@@ -119,12 +124,17 @@ class RunDir(os.PathLike):
     def supervise_lock(self) -> Path:
         return self.path / self.SUPERVISE_LOCK
 
+    @property
+    def supervise_dir(self) -> Path:
+        """Several nodes: how their supervisors agree (`thermo.supervisor.nodes`)."""
+        return self.path / self.SUPERVISE_DIR
+
     @classmethod
     def file_names(cls) -> frozenset[str]:
         """The names of the files thermo keeps at the top of a run directory (what an output
         such as a report must never overwrite)."""
         return frozenset({cls.DB, *cls.DB_SIDECARS, cls.MANIFEST, cls.BLACKLIST, cls.BLACKLIST_LOCK,
-                          cls.CONFIG, cls.HEARTBEAT, cls.WRITER_LOCK, cls.SUPERVISE_LOCK})
+                          cls.CONFIG, cls.HEARTBEAT, cls.WRITER_LOCK, cls.SUPERVISE_LOCK, cls.SUPERVISE_DIR})
 
     def holds_run(self) -> bool:
         """Whether anything of a run is here (a store, a manifest or checkpoint folders)."""

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thermo._io import atomic_write_json
+from thermo.rundir import RunDir
 
-JOB_DIR = ".supervise"  # RUN/.supervise/: job.json (the leader's), <host>-<pid>.json + .lock (followers')
-JOB_FILE = "job.json"
+JOB_FILE = "job.json"  # in RunDir.supervise_dir, beside the followers' <host>-<pid>.json and .lock
 
 # torchrun's options that take no value (every other option before the script takes one).
 _FLAGS = {"--standalone", "-m", "--module", "--no-python", "--no_python", "--run-path", "--run_path"}
@@ -111,7 +111,7 @@ class JobFile:
     """``RUN/.supervise/job.json``: written by the leader only, read by every supervisor."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / JOB_DIR / JOB_FILE
+        self.path = RunDir(run_dir).supervise_dir / JOB_FILE
 
     def write(self, **fields) -> None:
         self.path.parent.mkdir(exist_ok=True)
@@ -134,7 +134,7 @@ class NodeFile:
     """A follower's ``RUN/.supervise/<host>-<pid>.json``, and the ``.lock`` it holds while it lives."""
 
     def __init__(self, run_dir: Path):
-        folder = Path(run_dir) / JOB_DIR
+        folder = RunDir(run_dir).supervise_dir
         folder.mkdir(exist_ok=True)
         self.name = f"{socket.gethostname()}-{os.getpid()}"
         self.path = folder / f"{self.name}.json"
@@ -167,7 +167,7 @@ def live_nodes(run_dir: Path) -> list[dict]:
     """The followers alive now (their lock is held), with what each last reported. A lost one's
     files are removed."""
     out = []
-    for lock in sorted((Path(run_dir) / JOB_DIR).glob("*.lock")):
+    for lock in sorted(RunDir(run_dir).supervise_dir.glob("*.lock")):
         try:
             fd = os.open(lock, os.O_RDWR)
         except OSError:
@@ -199,8 +199,6 @@ def writer_info(run_dir: Path) -> dict:
     """What the run directory's writer lock file says of its holder (pid, host, role, token):
     a follower hands the leader's token to its command, so that rank 0, on whatever node it runs,
     writes as part of the leader's one writer."""
-    from thermo.rundir import RunDir
-
     try:
         with open(RunDir(run_dir).writer_lock, "rb") as f:
             info = json.loads(f.read(1 << 12) or b"{}")
@@ -212,8 +210,6 @@ def writer_info(run_dir: Path) -> dict:
 def _leader_alive(run_dir: Path, token: str) -> bool:
     """The leader (or the trainer it started on its node, which inherited the lock) still holds
     the writer lock it took with `token`."""
-    from thermo.rundir import RunDir
-
     if writer_info(run_dir).get("token") != token:
         return False
     try:
