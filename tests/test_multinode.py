@@ -214,28 +214,57 @@ def test_a_hung_rank_and_a_dead_agent_on_one_node_restart_every_node_from_one_ch
 # -- 3. a lost node, with elasticity ----------------------------------------------------------------
 
 
-def test_with_elastic_nnodes_the_job_goes_on_without_a_lost_node(tmp_path):
-    """--nnodes=1:2: node b (supervisor, agent, worker) is SIGKILLed at step 12 or later; torchrun
-    re-forms the group with node a alone, which resumes from the newest checkpoint and finishes.
-    The leader notes the lost node."""
+def test_with_elastic_nnodes_the_job_goes_on_without_the_lost_leader_node(tmp_path):
+    """--nnodes=1:2: node a, the leader's (supervisor, agent, worker), is SIGKILLed at step 12 or
+    later. Node b's supervisor takes the writer lock and leads from the next launch: node b goes on
+    alone (world size 1) from the newest checkpoint and finishes."""
     # torchrun drops a node whose keep-alive is 3 s old (default 15 s) and waits 2 s for late ones.
     with Job(tmp_path, "--steps", "30", nnodes="1:2", max_restarts=1,
              rdzv_conf="last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3") as job:
         job.wait_for(lambda: any(len(s) == 2 for s in job.starts()) and job.step() >= 12)
-        job.kill("b")
-        job.procs["b"].wait()
+        job.kill("a")
+        job.procs["a"].wait()
         codes = job.wait()
-    assert codes["a"] == 0, job.output("a")
+    assert codes["b"] == 0, job.output("b")
     starts = job.starts()
     together = [s for s in starts if len(s) == 2]
     assert together, starts
     for s in together:
         assert_alike(s, {"a", "b"})
-    alone = assert_alike(starts[-1], {"a"})
+    alone = assert_alike(starts[-1], {"b"})
     assert alone["world"] == 1 and alone["resumed_from"] >= 10
-    gone = [d for d in events(job.run, "node") if not d["joined"]]
-    assert len(gone) == 1
+    leaders = [d["nodes"]["leader"] for d in events(job.run, "supervise") if "nodes" in d]
+    assert leaders == [f"{socket.gethostname()} pid {job.procs['a'].pid}",
+                       f"{socket.gethostname()} pid {job.procs['b'].pid}"]
+    assert JobFile(job.run).read()["state"] == "done"
     assert_contiguous(job.run, 30)
+
+
+_FOLLOWER = r"""
+import sys, time
+from thermo.supervisor.nodes import NodeFile
+node = NodeFile(sys.argv[1])
+node.report(3, "running")
+print(node.name, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_leader_tells_a_lost_follower_by_its_free_lock(tmp_path):
+    """A follower holds a flock on its node file's lock while it lives: once it is SIGKILLed (no
+    clean-up), the leader no longer counts it and removes its files."""
+    from thermo.supervisor.nodes import live_nodes
+
+    p = subprocess.Popen([sys.executable, "-c", _FOLLOWER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    name = p.stdout.readline().strip()
+    try:
+        (node,) = live_nodes(tmp_path)
+        assert (node["node"], node["generation"], node["state"]) == (name, 3, "running")
+    finally:
+        p.kill()
+        p.wait()
+    assert live_nodes(tmp_path) == []
+    assert sorted(f.name for f in (tmp_path / ".supervise").iterdir()) == []
 
 
 # -- the leader, the followers, the one writer -----------------------------------------------------

@@ -44,7 +44,8 @@ daemons included.
 Several nodes: when the command is torchrun with ``--nnodes`` above 1, run one supervisor per node,
 each around its node's agent, over one shared run directory (`thermo.supervisor.nodes`). The one
 holding the writer lock leads: it decides, repairs while every node's agent is stopped, and starts
-each launch on every node; the others follow it and exit with its exit code. torchrun keeps doing
+each launch on every node; the others follow it and exit with its exit code (when the leader is
+lost, the first follower to take the writer lock leads from the next launch). torchrun keeps doing
 what it does (restart every node's workers after a rank's crash, re-form the group when nodes come
 and go).
 

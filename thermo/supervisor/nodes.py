@@ -10,10 +10,11 @@ the next launch on every node, so every node resumes from the same checkpoint wi
 blacklist (the trainer's rank 0 picks them and broadcasts them):
 
 * The **leader** is the supervisor that holds the run directory's writer lock (the first to
-  start). It alone writes the shared files (store events, manifest, blacklist) and decides; the
-  trainer's rank 0, on whatever node it lands, writes as part of the same one writer (it is handed
-  the leader's token). The others are **followers**: they start and stop their node's agent
-  when the leader says so, and say how it ended.
+  start; when the leader is lost, its lock is free and the first follower to take it leads from
+  the next launch). It alone writes the shared files (store events, manifest, blacklist) and
+  decides; the trainer's rank 0, on whatever node it lands, writes as part of the same one writer
+  (it is handed the leader's token). The others are **followers**: they start and stop their
+  node's agent when the leader says so, and say how it ended.
 * ``RUN/.supervise/job.json``, the leader's: the job (torchrun's ``--rdzv-id``), the leader's
   token, the launch number (``generation``) and its ``state``: ``run`` (every node runs its agent),
   ``stop`` (every node stops it), ``done`` (every node exits with ``exit_code``).
@@ -34,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from thermo._io import atomic_write_json
+from thermo._io import RunDirError, WriterLock, atomic_write_json
 from thermo.rundir import RunDir
 
 JOB_FILE = "job.json"  # in RunDir.supervise_dir, beside the followers' <host>-<pid>.json and .lock
@@ -245,7 +246,7 @@ def follow(sup, token: str):
     handlers = sup._install_signals()
     job = job_file.read() or {}
     sup._say(f"node {me.name} follows the leader, {job.get('leader', '?')} (job {sup.nodes.job})")
-    launched = 0
+    launched, lead = 0, None
     try:
         while True:
             job = job_file.read()
@@ -271,10 +272,27 @@ def follow(sup, token: str):
                 sig = sup._stop
                 return Outcome("stopped", 128 + sig, f"stopped by signal {sig}", sup.launches, [])
             if not _leader_alive(sup.run_dir, token):
-                msg = (f"the leader ({(job or {}).get('leader', '?')}) is gone: its node was lost or it was "
-                       "killed; start the job again (every node's supervisor)")
-                sup._say(msg)
-                return Outcome("gave_up", 1, msg, sup.launches, [])
+                # The leader is gone (its node lost, it was killed): the first follower to take
+                # the writer lock leads from here; the others follow it.
+                gone = (job or {}).get("leader", "?")
+                try:
+                    lead = WriterLock(sup.run_dir, "thermo supervise").acquire()
+                except RunDirError:
+                    new = sup._leader_token()
+                    if new is None:
+                        msg = f"the leader ({gone}) is gone and no other took over; start the job again"
+                        sup._say(msg)
+                        return Outcome("gave_up", 1, msg, sup.launches, [])
+                    token = sup._token = new
+                    sup._say(f"the leader ({gone}) is gone; following its successor")
+                    continue
+                job = job_file.read()
+                if job is not None and job["token"] == token and job["state"] == "done":
+                    lead.release()  # it ended the job just before it went: follow that
+                    lead = None
+                    continue
+                sup._say(f"the leader ({gone}) is gone; node {me.name} leads from launch {launched + 1}")
+                break
             time.sleep(poll)
     finally:
         if sup._proc is not None and sup._proc.poll() is None:
@@ -282,6 +300,7 @@ def follow(sup, token: str):
         for sig, h in handlers.items():
             signal.signal(sig, h)
         me.close()
+    return sup._lead(lead, generation=launched)
 
 
 def _run_launch(sup, me: NodeFile, job_file: JobFile, token: str, generation: int) -> None:
@@ -303,8 +322,9 @@ def _run_launch(sup, me: NodeFile, job_file: JobFile, token: str, generation: in
         job = job_file.read()  # None: unreadable for a moment; the leader's lock says if it is gone
         stop = job is not None and (job["token"] != token or job["generation"] != generation
                                     or job["state"] != "run")
-        if stop or sup._stop is not None or (job is None and not _leader_alive(sup.run_dir, token)):
-            why = (job or {}).get("why") or "the leader ended the launch"
+        alive = _leader_alive(sup.run_dir, token)
+        if stop or sup._stop is not None or not alive:
+            why = ((job or {}).get("why") or "the leader ended the launch") if alive else "the leader is gone"
             sup._say(f"stopping this node's agent: {why}")
             sup._kill_tree()
             sup._join_pumps()

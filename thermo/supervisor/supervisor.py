@@ -122,9 +122,14 @@ class Supervisor:
             if token is None:
                 raise SupervisorError(str(e)) from None
             return follow(self, token)
+        return self._lead(writer, lock)
+
+    def _lead(self, writer: WriterLock, lock: int | None = None, generation: int = 0) -> Outcome:
+        """Supervise as the run directory's writer: alone, or as the leader of several nodes
+        (from launch `generation` on, when a follower takes over from a lost leader)."""
         self._writer, self._token = writer, writer.token or ""
         if self.nodes is not None:
-            self._job = JobFile(self.run_dir)
+            self._job, self._generation = JobFile(self.run_dir), generation
             self._job_write("start")
         self.store = Store(self.run_dir, lock=False)
         handlers = self._install_signals()
