@@ -352,3 +352,32 @@ def test_a_heartbeat_left_by_the_last_launch_is_no_sign_of_life(tmp_path):
     out = Supervisor(run, [sys.executable, "-c", "import time; time.sleep(60)"], cfg).run()
     (launch,) = out.launches
     assert launch.ending == "hang" and launch.first_sign is None and "no sign of life" in launch.why
+
+
+def test_sigterm_to_the_leader_stops_every_node_and_each_exits_with_its_code(tmp_path):
+    """scancel sends SIGTERM: the leader stops its node, tells the followers to stop theirs, waits
+    for them, and every supervisor exits 128 + SIGTERM (the workers here are `sleep`)."""
+    run, port = tmp_path / "run", free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test{port}", "--no-python", "sleep", "600"]
+    sup = [sys.executable, "-m", "thermo.cli", "supervise", str(run), "--poll", "0.1", "--grace", "3", "--quiet", "--"]
+    procs = [subprocess.Popen([*sup, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.time() + 60
+        while (JobFile(run).read() or {}).get("state") != "run":
+            assert time.time() < deadline and procs[0].poll() is None
+            time.sleep(0.1)
+        procs.append(subprocess.Popen([*sup, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from thermo.supervisor.nodes import live_nodes
+
+        while not [n for n in live_nodes(run) if n["state"] == "running"]:  # the follower's agent runs
+            assert time.time() < deadline and procs[1].poll() is None
+            time.sleep(0.1)
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(60) for p in procs] == [128 + signal.SIGTERM] * 2
+        job = JobFile(run).read()
+        assert (job["state"], job["exit_code"], job["status"]) == ("done", 128 + signal.SIGTERM, "stopped")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -319,6 +319,10 @@ def supervise(run_dir: Path, command: tuple[str, ...], max_restarts: int, max_st
         thermo supervise runs/a --hang-timeout 300 -- \\
             torchrun --nproc_per_node=8 -m thermo.train_gpt --run-dir runs/a
 
+    On several nodes (torchrun with --nnodes above 1), run it on every node around that node's
+    torchrun, over one shared RUN_DIR: the first to start leads, the others follow and exit with
+    its exit status (README: "On a cluster").
+
     The command gets THERMO_RUN_DIR=RUN_DIR and must resume from the run directory when restarted
     (the Guard does). Every decision is recorded as an event in RUN_DIR/thermo.db. Exit status: 0
     when the command finishes, 1 when the supervisor gives up, 2 on bad input, 128+N when stopped
