@@ -17,10 +17,12 @@ import torch
 
 import thermo
 from tests.distributed import ROOT
+from tests.reference import forbid_host_syncs
 from thermo.checkpoints import CheckpointConfig
 from thermo.corpus import TokenDataset, stdlib_bytes
 from thermo.data import ResumableSampler
 from thermo.guard import EXIT_PREEMPTED, Guard, GuardConfig, Preempted
+from thermo.guard import preempt
 from thermo.supervisor import Supervisor, SupervisorConfig
 from thermo.thermometer import ThermometerConfig
 
@@ -100,6 +102,27 @@ def test_the_guard_can_be_told_to_leave_the_signals_alone(tmp_path):
                   fetch=lambda ids: ids, config=GuardConfig(preempt_signals=()))
     assert signal.getsignal(signal.SIGTERM) is before
     guard.close()
+
+
+def test_with_several_ranks_a_signal_is_read_only_at_a_boundary_and_one_rank_suffices(monkeypatch):
+    """Between boundaries `due` makes no collective and reads nothing back to the host; at a
+    boundary one all_reduce(MAX) brings another rank's signal, and the decision stays."""
+    reduced = []
+
+    def max_(t):  # what the other rank contributes: it got SIGUSR1, this one nothing
+        reduced.append(int(t[0]))
+        return t.fill_(int(signal.SIGUSR1))
+
+    monkeypatch.setattr(preempt._dist, "initialized", lambda: True)
+    monkeypatch.setattr(preempt._dist, "world_size", lambda: 2)
+    monkeypatch.setattr(preempt._dist, "max_", max_)
+    armed = forbid_host_syncs(monkeypatch, "between boundaries")
+    p = preempt.Preemption((), "cpu")
+    armed["on"] = True
+    assert not any(p.due(boundary=False) for _ in range(100)) and reduced == []
+    armed["on"] = False
+    assert p.due(boundary=True) and p.decided == "SIGUSR1" and reduced == [0]
+    assert p.due(boundary=False) and reduced == [0]  # decided once, for good
 
 
 @pytest.mark.slow
