@@ -5,6 +5,7 @@ cleanly when it gets the signal itself."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -102,6 +103,26 @@ def test_the_guard_can_be_told_to_leave_the_signals_alone(tmp_path):
                   fetch=lambda ids: ids, config=GuardConfig(preempt_signals=()))
     assert signal.getsignal(signal.SIGTERM) is before
     guard.close()
+
+
+def test_a_guard_dropped_without_close_does_not_leave_the_process_deaf():
+    got = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        p = preempt.Preemption(("SIGUSR1",), "cpu")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert p.signum == signal.SIGUSR1 and got == []
+        del p
+        gc.collect()
+        os.kill(os.getpid(), signal.SIGUSR1)  # nobody will act on a note now: the old handler does
+        time.sleep(0.01)
+        assert got == [signal.SIGUSR1]
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert got == [signal.SIGUSR1] * 2, "the old handler is back in place"
+    finally:
+        signal.signal(signal.SIGUSR1, before)
 
 
 def test_with_several_ranks_a_signal_is_read_only_at_a_boundary_and_one_rank_suffices(monkeypatch):

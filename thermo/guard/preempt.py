@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import warnings
+import weakref
 
 import torch
 
@@ -43,7 +44,8 @@ class Preemption:
     those steps nothing is read: a signal waits at most until the next flush.
 
     Handlers are installed from the main thread only (Python delivers signals there) and put
-    back by `remove`.
+    back by `remove`. One left behind by a Guard dropped without ``close()`` puts the previous
+    handler back at the next signal and lets it act, so that the process is not left deaf to it.
     """
 
     def __init__(self, signals: tuple[str, ...], device: torch.device | str = "cpu"):
@@ -57,12 +59,10 @@ class Preemption:
             warnings.warn("thermo: the Guard was built outside the main thread; preemption signals "
                           f"({', '.join(signals)}) are not caught", RuntimeWarning, stacklevel=3)
             return
+        note = _note(weakref.ref(self), self._previous)  # no reference to self: it may be dropped
         for name in signals:
             sig = getattr(signal, name)
-            self._previous[sig] = signal.signal(sig, self._note)
-
-    def _note(self, signum: int, frame) -> None:
-        self.signum = signum
+            self._previous[sig] = signal.signal(sig, note)
 
     def due(self, boundary: bool) -> bool:
         """Act now? Call on every rank at every step boundary; `boundary` (the same on every
@@ -84,5 +84,20 @@ class Preemption:
     def remove(self) -> None:
         """Put the previous handlers back (idempotent)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+
+def _note(ref: weakref.ref, previous: dict):
+    """The handler: note the signal on the live `Preemption`, nothing else."""
+
+    def handler(signum: int, frame) -> None:
+        me = ref()
+        if me is not None:
+            me.signum = signum
+            return
+        before = previous.pop(signum, None)
+        signal.signal(signum, signal.SIG_DFL if before is None else before)
+        signal.raise_signal(signum)
+
+    return handler
