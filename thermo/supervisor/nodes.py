@@ -196,6 +196,99 @@ def live_nodes(run_dir: Path) -> list[dict]:
     return out
 
 
+def me() -> str:
+    """This supervisor, as the job file names its leader."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+class Leader:
+    """The leader's side of a job on several nodes: its job file, the launch number, the
+    followers it saw last.
+
+    Args:
+        run_dir: the shared run directory.
+        nodes: the job (`torchrun_nodes`).
+        token: the leader's writer token (followers hand it to their command).
+        generation: the launch number to continue from (a follower taking over from a lost leader).
+    """
+
+    def __init__(self, run_dir: Path, nodes: Nodes, token: str, generation: int = 0):
+        self.run_dir, self.nodes, self.token, self.generation = Path(run_dir), nodes, token, generation
+        self.file = JobFile(run_dir)
+        self.seen: dict[str, dict] = {}  # followers alive at the last look, by name
+        self._warned = False
+
+    def write(self, state: str, **fields) -> None:
+        self.file.write(job=self.nodes.job, token=self.token, leader=me(), generation=self.generation,
+                        state=state, **fields)
+
+    def state(self) -> str | None:
+        return (self.file.read() or {}).get("state")
+
+    def next_launch(self) -> None:
+        """Start launch ``generation + 1`` on every node."""
+        self.generation += 1
+        self.write("run")
+
+    def failed_node(self, event) -> tuple[str, str, int] | None:
+        """A follower whose agent of this launch exited with an error: (node, why, exit code).
+        Followers that came or went since the last look are recorded through `event` (the
+        supervisor's ``_event(kind, message, **data)``)."""
+        from thermo.supervisor.process import _describe_exit
+
+        nodes = {n["node"]: n for n in live_nodes(self.run_dir) if isinstance(n.get("node"), str)}
+        for name in nodes.keys() - self.seen.keys():
+            event("node", f"node {name} joined", node=name, joined=True)
+        for name in self.seen.keys() - nodes.keys():
+            event("node", f"node {name} is gone (its supervisor ended)", node=name, joined=False)
+        self.seen = nodes
+        for name, n in nodes.items():
+            rc = n.get("exit_code")
+            if n["generation"] == self.generation and n.get("state") == "exited" and isinstance(rc, int) and rc:
+                why = f"node {name}: its torchrun agent exited ({_describe_exit(rc)})"
+                return name, why + (f": {n['why']}" if n.get("why") else ""), rc
+        return None
+
+    def rank0_elsewhere(self, host) -> str | None:
+        """A warning, once, when the trainer's rank 0 runs on another host than the leader: both
+        then open thermo.db, and SQLite's WAL does not work across hosts."""
+        if self._warned or not isinstance(host, str) or host == socket.gethostname():
+            return None
+        self._warned = True
+        return (f"the trainer's rank 0 runs on {host}, this leader on {socket.gethostname()}: both open "
+                "thermo.db, which SQLite (WAL) supports on one host only. Start the first supervisor on "
+                f"{host} (torchrun's c10d rendezvous gives rank 0 to the node whose name sorts first)")
+
+    def stop_nodes(self, why: str, timeout: float, poll: float) -> list[str]:
+        """Tell every node to stop this launch and wait until their agents are down (a lost node's
+        lock is free: it is not waited for). Returns the nodes still running after `timeout`."""
+        if self.state() != "stop":
+            self.write("stop", why=why)
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = [n["node"] for n in live_nodes(self.run_dir)
+                    if n["generation"] == self.generation and n.get("state") == "running"]
+            if not busy or time.monotonic() > deadline:
+                return busy
+            time.sleep(poll)
+
+
+def leader_token(run_dir: Path, nodes: Nodes) -> str | None:
+    """The writer lock is held: by this job's leader (its token, to follow it), or not (None: a
+    trainer, a tool, another job's leader). The leader writes its job file just after it takes
+    the lock: give it a moment."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        info, job = writer_info(run_dir), JobFile(run_dir).read()
+        if info.get("role", "thermo supervise") != "thermo supervise":
+            return None
+        if job is not None and job["token"] == info.get("token") and job["state"] != "done":
+            return job["token"] if job.get("job") == nodes.job else None
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+
+
 def writer_info(run_dir: Path) -> dict:
     """What the run directory's writer lock file says of its holder (pid, host, role, token):
     a follower hands the leader's token to its command, so that rank 0, on whatever node it runs,
@@ -278,7 +371,7 @@ def follow(sup, token: str):
                 try:
                     lead = WriterLock(sup.run_dir, "thermo supervise").acquire()
                 except RunDirError:
-                    new = sup._leader_token()
+                    new = leader_token(sup.run_dir, sup.nodes)
                     if new is None:
                         msg = f"the leader ({gone}) is gone and no other took over; start the job again"
                         sup._say(msg)

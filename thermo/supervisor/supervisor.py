@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from thermo.supervisor.checks import (
 )
 from thermo.supervisor.config import Launch, Outcome, SupervisorConfig, SupervisorError
 from thermo.supervisor.feed import _StoreFeed
-from thermo.supervisor.nodes import JobFile, follow, live_nodes, torchrun_nodes, writer_info
+from thermo.supervisor.nodes import Leader, follow, leader_token, me, torchrun_nodes
 from thermo.supervisor.process import _describe_exit, _marked, _terminate, _tree
 
 log = logging.getLogger("thermo")
@@ -93,9 +92,7 @@ class Supervisor:
         self._token = ""  # the writer token the command gets
         # Several nodes (torchrun --nnodes > 1): one supervisor per node; see `thermo.supervisor.nodes`.
         self.nodes = torchrun_nodes(self.command, {**os.environ, **self.env})
-        self._job: JobFile | None = None  # the leader's job file
-        self._generation = 0  # the job's launch number (several nodes)
-        self._nodes_seen: dict[str, dict] = {}  # followers alive at the last look
+        self._job: Leader | None = None  # several nodes: this supervisor leads them
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -118,7 +115,7 @@ class Supervisor:
         except RunDirError as e:
             if lock is not None:
                 os.close(lock)
-            token = self._leader_token() if self.nodes is not None else None
+            token = leader_token(self.run_dir, self.nodes) if self.nodes is not None else None
             if token is None:
                 raise SupervisorError(str(e)) from None
             return follow(self, token)
@@ -129,8 +126,8 @@ class Supervisor:
         (from launch `generation` on, when a follower takes over from a lost leader)."""
         self._writer, self._token = writer, writer.token or ""
         if self.nodes is not None:
-            self._job, self._generation = JobFile(self.run_dir), generation
-            self._job_write("start")
+            self._job = Leader(self.run_dir, self.nodes, self._token, generation)
+            self._job.write("start")
         self.store = Store(self.run_dir, lock=False)
         handlers = self._install_signals()
         try:
@@ -140,8 +137,8 @@ class Supervisor:
                 self._kill_tree()  # never leave it unsupervised
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            if self._job is not None and (self._job.read() or {}).get("state") != "done":
-                self._job_write("done", exit_code=1, status="gave_up", message="the leader ended unexpectedly")
+            if self._job is not None and self._job.state() != "done":
+                self._job.write("done", exit_code=1, status="gave_up", message="the leader ended unexpectedly")
             self.store.close()
             self._writer.release()
             if lock is not None:
@@ -153,7 +150,7 @@ class Supervisor:
         best = self.store.last_step()
         best, stalled, restarts = -1 if best is None else best, 0, 0
         nodes = {} if self.nodes is None else {"nodes": {"min": self.nodes.min, "max": self.nodes.max,
-                                                          "job": self.nodes.job, "leader": _me()}}
+                                                          "job": self.nodes.job, "leader": me()}}
         self.store.event("supervise", f"thermo supervise started: {shlex.join(self.command)}",
                          command=self.command, config=_config_json(cfg), **nodes)
         while True:
@@ -161,7 +158,10 @@ class Supervisor:
             self._watch(launch)
             self._clear_status()
             if self._job is not None and launch.ending != "finished":
-                self._stop_nodes(launch)  # no trainer runs anywhere while the leader repairs
+                # No trainer runs on any node while the leader repairs.
+                late = self._job.stop_nodes(launch.why, cfg.grace + 10 * cfg.poll + 10.0, cfg.poll)
+                if late:
+                    self._say(f"warning: node(s) {', '.join(late)} did not stop their agent in time; carrying on")
             if launch.ending == "stopped":
                 return self._finish("stopped", 128 + (self._stop or signal.SIGTERM), launch.why)
             if launch.ending == "finished":
@@ -202,8 +202,7 @@ class Supervisor:
         # The heartbeat there now is the last launch's: only one that differs is this one's.
         self._beat0 = _beat_key(_read_heartbeat(self.run_dir))
         if self._job is not None:
-            self._generation += 1
-            self._job_write("run")  # every node launches its agent
+            self._job.next_launch()  # every node launches its agent
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, "THERMO_RUN_DIR": str(self.run_dir),
                WRITER_TOKEN_ENV: self._token, SUPERVISOR_ID_ENV: self._id}
         if self.nodes is not None:
@@ -244,8 +243,9 @@ class Supervisor:
             beat = _read_heartbeat(self.run_dir)
             if beat is not None and _beat_key(beat) != seen:
                 seen, progressed, launch.guard = _beat_key(beat), True, True
-                if self._job is not None:
-                    self._rank0_elsewhere(beat.get("host"))
+                warning = self._job.rank0_elsewhere(beat.get("host")) if self._job is not None else None
+                if warning:
+                    self._say(f"warning: {warning}")
                 launch.current = int(beat.get("step", 0))
                 launch.step = max(launch.step or 0, launch.current)
                 launch.ids = [int(i) for i in beat.get("ids", [])]
@@ -275,7 +275,7 @@ class Supervisor:
                 self._event("stop", f"thermo supervise stopped by {name}; the command was terminated",
                             step=launch.current, reason=name)
                 return
-            node = self._node_failed() if self._job is not None else None
+            node = self._job.failed_node(self._event) if self._job is not None else None
             if node is not None:
                 self._end(launch, "crash", node[1], time.time())
                 launch.exit_code, launch.node = node[2], node[0]
@@ -305,7 +305,7 @@ class Supervisor:
     def _end(self, launch: Launch, ending: str, why: str, fault_time: float, verdict: Verdict | None = None):
         """Terminate the command's process tree and note how the launch ended."""
         if self._job is not None:
-            self._job_write("stop", why=why)  # every node stops its agent meanwhile
+            self._job.write("stop", why=why)  # every node stops its agent meanwhile
         self._kill_tree()
         self._join_pumps()
         launch.ending, launch.why, launch.verdict = ending, why, verdict
@@ -446,71 +446,9 @@ class Supervisor:
             self._event("supervise", f"thermo supervise {msg}", step=self.launches[-1].step,
                         status=status, launches=n)
         if self._job is not None:
-            self._job_write("done", exit_code=code, status=status, message=msg)  # every node exits with it
+            self._job.write("done", exit_code=code, status=status, message=msg)  # every node exits with it
         self._say(msg)
         return Outcome(status, code, msg, self.launches, sorted(self.blacklisted))
-
-    # -- several nodes (the leader) ---------------------------------------------------------------
-
-    def _job_write(self, state: str, **fields) -> None:
-        self._job.write(job=self.nodes.job, token=self._token, leader=_me(), generation=self._generation,
-                        state=state, **fields)
-
-    def _leader_token(self) -> str | None:
-        """The writer lock is held: by this job's leader (its token, to follow it), or not (None).
-        The leader writes its job file just after it takes the lock: give it a moment."""
-        deadline = time.monotonic() + 30.0
-        while True:
-            info = writer_info(self.run_dir)
-            job = JobFile(self.run_dir).read()
-            if info.get("role", "thermo supervise") != "thermo supervise":
-                return None  # a trainer, or a tool: not a leader
-            if job is not None and job["token"] == info.get("token") and job["state"] != "done":
-                return job["token"] if job.get("job") == self.nodes.job else None  # another job's leader
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.2)
-
-    def _node_failed(self) -> tuple[str, str, int] | None:
-        """A follower whose agent of this launch exited with an error: (node, why, exit code).
-        Notes the followers that came and went (events)."""
-        nodes = {n["node"]: n for n in live_nodes(self.run_dir) if isinstance(n.get("node"), str)}
-        for name in nodes.keys() - self._nodes_seen.keys():
-            self._event("node", f"node {name} joined", node=name, joined=True)
-        for name in self._nodes_seen.keys() - nodes.keys():
-            self._event("node", f"node {name} is gone (its supervisor ended)", node=name, joined=False)
-        self._nodes_seen = nodes
-        for name, n in nodes.items():
-            rc = n.get("exit_code")
-            if n["generation"] == self._generation and n.get("state") == "exited" and isinstance(rc, int) and rc:
-                why = f"node {name}: its torchrun agent exited ({_describe_exit(rc)})"
-                return name, why + (f": {n['why']}" if n.get("why") else ""), rc
-        return None
-
-    def _rank0_elsewhere(self, host) -> None:
-        """Say once when the trainer's rank 0 runs on another host than the leader: both then open
-        thermo.db, and SQLite's WAL does not work across hosts on a network filesystem."""
-        if isinstance(host, str) and host != socket.gethostname() and "rank0 host" not in self._warned:
-            self._warned.add("rank0 host")
-            self._say(f"warning: the trainer's rank 0 runs on {host}, this leader on {socket.gethostname()}: "
-                      "both open thermo.db, which SQLite (WAL) supports on one host only. Start the first "
-                      f"supervisor on {host} (torchrun gives rank 0 to the node whose name sorts first)")
-
-    def _stop_nodes(self, launch: Launch) -> None:
-        """Tell every node to stop this launch, and wait until their agents are down (a lost
-        node's lock is free, so it is not waited for)."""
-        if (self._job.read() or {}).get("state") != "stop":
-            self._job_write("stop", why=launch.why)
-        deadline = time.monotonic() + self.config.grace + 10 * self.config.poll + 10.0
-        while True:
-            busy = [n["node"] for n in live_nodes(self.run_dir)
-                    if n["generation"] == self._generation and n.get("state") == "running"]
-            if not busy:
-                return
-            if time.monotonic() > deadline:
-                self._say(f"warning: node(s) {', '.join(busy)} did not stop their agent in time; carrying on")
-                return
-            time.sleep(self.config.poll)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -654,10 +592,6 @@ def supervise(run_dir: str | os.PathLike, command: list[str], config: Supervisor
 
 def _config_json(cfg: SupervisorConfig) -> dict:
     return asdict(cfg)
-
-
-def _me() -> str:
-    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 def _beat_key(beat: dict | None) -> tuple | None:
