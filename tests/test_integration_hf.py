@@ -303,7 +303,11 @@ def test_a_signal_saves_a_checkpoint_stops_the_trainer_and_the_relaunch_resumes_
     assert e.value.code == EXIT_PREEMPTED and e.value.step == 33
     assert signal.getsignal(signal.SIGUSR1) is before and hooks(first.model) == 0
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-33")
-    manifest = lambda: {e["step"]: e["health"] for e in json.loads((out / "thermo" / "manifest.json").read_text())["checkpoints"]}  # noqa: E731
+
+    def manifest():
+        entries = json.loads((out / "thermo" / "manifest.json").read_text())["checkpoints"]
+        return {e["step"]: e["health"] for e in entries}
+
     assert manifest()[33] == "pending"
     ev = thermo.load(out / "thermo").events
     (pre,) = ev[ev["kind"] == "preempt"]["data"]

@@ -56,7 +56,8 @@ def tiny_loop(run_dir, steps: int, signal_at: int = 0, sig: int = signal.SIGTERM
     g = torch.Generator().manual_seed(1)
     x_all, y_all = torch.randn(256, 8, generator=g), torch.randn(256, 1, generator=g)
     guard = Guard(model, opt, run_dir, data=ResumableSampler(256, 16), fetch=lambda ids: (x_all[ids], y_all[ids]),
-                  config=GuardConfig(checkpoint_every=10), thermometer=ThermometerConfig(flush_every=5, attention=False),
+                  config=GuardConfig(checkpoint_every=10),
+                  thermometer=ThermometerConfig(flush_every=5, attention=False),
                   checkpoints=CheckpointConfig(good_after=10, keep_last=10))
     with guard:
         for step, (x, y) in guard.batches(max_steps=steps):
