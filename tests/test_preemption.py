@@ -106,6 +106,22 @@ def test_the_guard_can_be_told_to_leave_the_signals_alone(tmp_path):
     guard.close()
 
 
+def test_outside_the_main_thread_no_handler_is_installed_and_a_warning_says_so():
+    import threading
+
+    before, caught = signal.getsignal(signal.SIGTERM), []
+
+    def build():
+        with pytest.warns(RuntimeWarning, match="outside the main thread") as w:
+            preempt.Preemption(("SIGTERM",), "cpu")
+        caught.extend(w)
+
+    t = threading.Thread(target=build)
+    t.start()
+    t.join()
+    assert caught and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_guard_dropped_without_close_does_not_leave_the_process_deaf():
     got = []
     before = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))

@@ -56,8 +56,9 @@ class Preemption:
         if not signals:
             return
         if threading.current_thread() is not threading.main_thread():
-            warnings.warn("thermo: the Guard was built outside the main thread; preemption signals "
-                          f"({', '.join(signals)}) are not caught", RuntimeWarning, stacklevel=3)
+            warnings.warn("thermo: the Guard was built outside the main thread, where Python cannot catch "
+                          f"signals: {', '.join(signals)} will not checkpoint before the process ends "
+                          "(GuardConfig(preempt_signals=()) says you know)", RuntimeWarning, stacklevel=3)
             return
         note = _note(weakref.ref(self), self._previous)  # no reference to self: it may be dropped
         for name in signals:
