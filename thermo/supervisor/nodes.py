@@ -335,10 +335,10 @@ def follow(sup, token: str):
 
     job_file, poll = JobFile(sup.run_dir), sup.config.poll
     sup._token = token
-    me = NodeFile(sup.run_dir)
+    mine = NodeFile(sup.run_dir)
     handlers = sup._install_signals()
     job = job_file.read() or {}
-    sup._say(f"node {me.name} follows the leader, {job.get('leader', '?')} (job {sup.nodes.job})")
+    sup._say(f"node {mine.name} follows the leader, {job.get('leader', '?')} (job {sup.nodes.job})")
     launched, lead = 0, None
     try:
         while True:
@@ -352,14 +352,14 @@ def follow(sup, token: str):
                                    sup.launches, [])
                 if job["state"] == "run" and job["generation"] > launched:
                     launched = job["generation"]
-                    me.report(launched, "running")
+                    mine.report(launched, "running")
                     # Said "running" before looking again: a leader that stops this launch meanwhile
                     # waits for this node, or this node sees the stop and never starts.
                     job = job_file.read()
                     if job is not None and job["state"] == "run" and job["generation"] == launched:
-                        _run_launch(sup, me, job_file, token, launched)
+                        _run_launch(sup, mine, job_file, token, launched)
                     else:
-                        me.report(launched, "stopped")
+                        mine.report(launched, "stopped")
                     continue
             if sup._stop is not None:
                 sig = sup._stop
@@ -384,7 +384,9 @@ def follow(sup, token: str):
                     lead.release()  # it ended the job just before it went: follow that
                     lead = None
                     continue
-                sup._say(f"the leader ({gone}) is gone; node {me.name} leads from launch {launched + 1}")
+                # Every node's next launch is newer than any the old leader started.
+                launched = max(launched, job["generation"] if job is not None else 0)
+                sup._say(f"the leader ({gone}) is gone; node {mine.name} leads from launch {launched + 1}")
                 break
             time.sleep(poll)
     finally:
@@ -392,11 +394,11 @@ def follow(sup, token: str):
             sup._kill_tree()
         for sig, h in handlers.items():
             signal.signal(sig, h)
-        me.close()
+        mine.close()
     return sup._lead(lead, generation=launched)
 
 
-def _run_launch(sup, me: NodeFile, job_file: JobFile, token: str, generation: int) -> None:
+def _run_launch(sup, mine: NodeFile, job_file: JobFile, token: str, generation: int) -> None:
     """Run this node's agent for launch `generation` until it exits or the leader stops it."""
     from thermo.supervisor.process import _describe_exit, _tree
 
@@ -410,7 +412,7 @@ def _run_launch(sup, me: NodeFile, job_file: JobFile, token: str, generation: in
             launch.ending = "finished" if rc == 0 else "crash"
             launch.why = f"this node's agent exited ({_describe_exit(rc)})"
             sup._say(launch.why)
-            me.report(generation, "exited", rc, "" if rc == 0 else sup._last_error())
+            mine.report(generation, "exited", rc, "" if rc == 0 else sup._last_error())
             return
         job = job_file.read()  # None: unreadable for a moment; the leader's lock says if it is gone
         stop = job is not None and (job["token"] != token or job["generation"] != generation
@@ -423,7 +425,7 @@ def _run_launch(sup, me: NodeFile, job_file: JobFile, token: str, generation: in
             sup._join_pumps()
             launch.exit_code, launch.end, launch.ending, launch.why = sup._proc.returncode, time.time(), \
                 "stopped", why
-            me.report(generation, "stopped", sup._proc.returncode)
+            mine.report(generation, "stopped", sup._proc.returncode)
             return
         sup._tree.update(_tree(sup._proc.pid))
         time.sleep(sup.config.poll)
