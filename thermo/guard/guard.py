@@ -222,7 +222,13 @@ class Guard:
         return skipped, {"skipped": skipped, **hot}
 
     def after_step(self) -> None:
-        """After ``optimizer.step()`` (and the scheduler's): checkpoint, act on a verdict."""
+        """After ``optimizer.step()`` (and the scheduler's): checkpoint, act on a verdict.
+
+        Raises:
+            Preempted: a preemption signal was agreed on at this boundary; this step's checkpoint
+                is written on every rank and the Guard is closed.
+            DivergenceError: the Guard gave up (see `GuardConfig.max_rollbacks`).
+        """
         self.after_update()
         verdict, self._verdict = self._verdict, None
         if verdict is not None:
