@@ -7,13 +7,13 @@
 - `attention`: the finder that, on the first forward, sees which modules compute attention, and
   the probe pushed around each of them afterwards.
 
-Every probe writes into preallocated views of the thermometer's device accumulators with in-place
-``max``/``min``; nothing here reads a value back to the host.
+The names below are what the rest of thermo imports. Every probe writes into preallocated views
+of the thermometer's device accumulators with in-place ``max``/``min``; nothing here reads a value
+back to the host.
 """
 
-from thermo.probes.activations import ActivationHook, first_tensor, grad_norm_and_nonfinite
+from thermo.probes.activations import ActivationHook, grad_norm_and_nonfinite
 from thermo.probes.attention import AttentionFinder, AttentionProbe, AttentionSlots, Found
-from thermo.probes.logits import Logits, exact_logit_extremes, logit_bound, split_mask
 from thermo.probes.modules import (
     DEFAULT_WATCH,
     ROOT,
@@ -33,16 +33,11 @@ __all__ = [
     "AttentionProbe",
     "AttentionSlots",
     "Found",
-    "Logits",
     "class_names",
-    "exact_logit_extremes",
     "find_blocks",
-    "first_tensor",
     "grad_norm_and_nonfinite",
     "head_count",
-    "logit_bound",
     "path_matches",
     "pattern_candidates",
-    "split_mask",
     "unwrap",
 ]
