@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from thermo.data import BatchLedger, Blacklist, ResumableSampler, StatefulLoader
     from thermo.detector import Detector, DetectorConfig, Verdict, detect_run
     from thermo.rundir import RunDir
-    from thermo.guard import EXIT_DIVERGED, DivergenceError, Guard, GuardConfig, Watch
+    from thermo.guard import EXIT_DIVERGED, EXIT_PREEMPTED, DivergenceError, Guard, GuardConfig, Preempted, Watch
     from thermo.sinks import TensorBoardSink, WandbSink
     from thermo.supervisor import Supervisor, SupervisorConfig
     from thermo.store import Run, StepRecord, Store, load
