@@ -62,8 +62,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from thermo.checkpoints import CheckpointConfig, Checkpoints
     from thermo.data import BatchLedger, Blacklist, ResumableSampler, StatefulLoader
     from thermo.detector import Detector, DetectorConfig, Verdict, detect_run
-    from thermo.rundir import RunDir
     from thermo.guard import EXIT_DIVERGED, EXIT_PREEMPTED, DivergenceError, Guard, GuardConfig, Preempted, Watch
+    from thermo.rundir import RunDir
     from thermo.sinks import TensorBoardSink, WandbSink
     from thermo.supervisor import Supervisor, SupervisorConfig
     from thermo.store import Run, StepRecord, Store, load

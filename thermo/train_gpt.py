@@ -88,9 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--compile", action="store_true", help="torch.compile the model (after thermo attaches)")
     a("--seed", type=int, default=0)
     a("--data-bytes", type=int, default=2_000_000, help="bytes of stdlib source to train on")
+    # Shorter than GuardConfig's and CheckpointConfig's defaults: the reference runs are short.
     a("--checkpoint-every", type=int, default=50)
     a("--good-after", type=int, default=40, help="healthy steps before a checkpoint is good")
-    # Shorter than GuardConfig's and CheckpointConfig's defaults: the reference runs are short.
     a("--flush-every", type=int, default=ThermometerConfig.flush_every)
     a("--attn-every", type=int, default=ThermometerConfig.attn_every)
     a("--keep-last", type=int, default=CheckpointConfig.keep_last)
