@@ -126,7 +126,8 @@ class JobFile:
         except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(job, dict) or not isinstance(job.get("token"), str) \
-                or not isinstance(job.get("generation"), int) or job.get("state") not in ("start", "run", "stop", "done"):
+                or not isinstance(job.get("generation"), int) \
+                or job.get("state") not in ("start", "run", "stop", "done"):
             return None
         return job
 
