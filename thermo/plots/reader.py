@@ -60,7 +60,7 @@ class RunReader:
 
     def _connect(self) -> bool:
         if not RunDir(self.run_dir).db.is_file():
-            self.error = f"no {RunDir(self.run_dir).db} yet"
+            self.error = f"no metrics store at {RunDir(self.run_dir).db} yet"
             return False
         try:
             # A foreign or newer file gets its clear error. A store being created fails the
