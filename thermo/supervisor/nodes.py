@@ -422,7 +422,7 @@ def _run_launch(sup, mine: NodeFile, job_file: JobFile, token: str, generation: 
         if stop or sup._stop is not None or not alive:
             why = ((job or {}).get("why") or "the leader ended the launch") if alive else "the leader is gone"
             sup._say(f"stopping this node's agent: {why}")
-            sup._kill_tree()
+            sup._kill_tree(0.0 if alive and (job or {}).get("hard") is True else None)  # a hang: at once
             sup._join_pumps()
             launch.exit_code, launch.end, launch.ending, launch.why = sup._proc.returncode, time.time(), \
                 "stopped", why

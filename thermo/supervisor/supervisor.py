@@ -296,17 +296,21 @@ class Supervisor:
             self._status(launch)
             time.sleep(cfg.poll)
 
-    def _kill_tree(self) -> None:
+    def _kill_tree(self, grace: float | None = None) -> None:
         """Terminate the command's process tree, with every process that still carries this
-        supervisor's id in its environment (a daemon the command double-forked)."""
+        supervisor's id in its environment (a daemon the command double-forked); SIGKILL after
+        `grace` seconds (default `SupervisorConfig.grace`)."""
         self._tree.update(_marked(SUPERVISOR_ID_ENV, self._id))
-        _terminate(self._proc, self._tree, self.config.grace)
+        _terminate(self._proc, self._tree, self.config.grace if grace is None else grace)
 
     def _end(self, launch: Launch, ending: str, why: str, fault_time: float, verdict: Verdict | None = None):
         """Terminate the command's process tree and note how the launch ended."""
+        # A hung command cannot reach the step boundary where a Guard acts on SIGTERM (it would
+        # checkpoint and exit): SIGKILL at once rather than after the grace period.
+        hard = ending == "hang"
         if self._job is not None:
-            self._job.write("stop", why=why)  # every node stops its agent meanwhile
-        self._kill_tree()
+            self._job.write("stop", why=why, hard=hard)  # every node stops its agent meanwhile
+        self._kill_tree(0.0 if hard else None)
         self._join_pumps()
         launch.ending, launch.why, launch.verdict = ending, why, verdict
         launch.exit_code, launch.end = self._proc.returncode, time.time()
