@@ -416,3 +416,12 @@ def test_fp16_high_lr_detected_before_the_loss_diverges(tmp_path, one_thread):
     assert v.kind == "growth" and v.signal in ("attn_max", "attn_bound", "act_max", "act_min")
     assert v.onset_step < v.detection_step < out.diverged
     assert v.evidence["ratio"] >= 8.0
+
+
+def test_detector_config_round_trips_through_json_and_names_an_unknown_field():
+    import json
+
+    cfg = DetectorConfig(spikes=(SpikeRule("loss", z=4.0),), growth_stats=("attn_max",), onset_lookback=50)
+    assert DetectorConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="no field 'onset_lookbak'"):
+        DetectorConfig.from_dict({"onset_lookbak": 3})

@@ -762,3 +762,23 @@ def test_blacklist_cli_bad_input(tmp_path, args, words):
     r = CliRunner().invoke(cli, ["blacklist", str(tmp_path / "r"), "add", "1"])
     assert r.exit_code == 2 and "blacklist.json is not valid JSON" in r.output
     assert _snapshot(tmp_path) == before
+
+
+def test_the_supervisor_repairs_with_the_settings_the_runs_guard_recorded(tmp_path):
+    """One default, one place: a verdict the supervisor repairs costs what the Guard's would
+    (its rollback margin and skip window). The Guard's detector settings are recorded too."""
+    from thermo.detector import DetectorConfig, SpikeRule
+    from thermo.guard import Guard, GuardConfig
+
+    det = DetectorConfig(onset_lookback=50, spikes=(SpikeRule("loss", z=4.0),))
+    model = torch.nn.Linear(2, 2)
+    Guard(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True), data=ResumableSampler(10, 2),
+          fetch=lambda ids: ids, run_dir=tmp_path, config=GuardConfig(rollback_margin=3, skip_before=7),
+          detector=det).close()
+    with Store(tmp_path, readonly=True) as store:
+        meta = store.meta()
+        assert SupervisorConfig().guard_settings(meta["guard"]) == {
+            "rollback_margin": 3, "skip_before": 7, "skip_after": GuardConfig.skip_after}
+        assert SupervisorConfig(skip_before=1).guard_settings(meta["guard"])["skip_before"] == 1  # told: its own
+        assert SupervisorConfig().guard_settings(None)["skip_before"] == GuardConfig.skip_before  # no Guard
+        assert DetectorConfig.from_dict(meta["detector"]) == det

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -127,6 +128,26 @@ class DetectorConfig:
     skip_tolerance: int = 2
     skip_window: int = 100
     skip_cluster_gap: int = 20
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (what the store's meta records; `from_dict` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DetectorConfig:
+        """The config `to_dict` gave (lists back to tuples, spike rules back to `SpikeRule`).
+
+        Raises:
+            ValueError: an unknown field or a bad value, named.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"DetectorConfig has no field {unknown[0]!r}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if "spikes" in kw:
+            kw["spikes"] = tuple(SpikeRule(**r) if isinstance(r, dict) else r for r in kw["spikes"])
+        return cls(**kw)
 
     def __post_init__(self):
         if not all(isinstance(r, SpikeRule) for r in self.spikes):

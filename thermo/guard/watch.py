@@ -11,7 +11,7 @@ import socket
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -69,6 +69,9 @@ class Watch:
         self.checkpoints = checkpoints
         self.therm = Thermometer(model, self.run_dir, tcfg, sinks=sinks, start_step=1)
         self.store = self.therm.store  # rank 0 only
+        if self.rank0:  # what `thermo supervise` repairs with from outside: the same settings
+            self.store.set_meta("guard", asdict(self.config))
+            self.store.set_meta("detector", self.detector.config.to_dict())
         self.blacklist = Blacklist.load(self.run_dir) if self.rank0 else None
         self.rollbacks = _dist.from_rank0(self._past_rollbacks())  # every rank gives up alike
         self.last_record = None  # the newest flushed StepRecord (rank 0), for progress displays

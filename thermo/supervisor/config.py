@@ -28,13 +28,16 @@ class SupervisorConfig:
         grace: seconds between SIGTERM and SIGKILL when stopping the command.
         poll: seconds between looks at the heartbeat, the store and the process.
         detect: run the detector over the store (False: exit codes and hangs only).
-        detector: the detector's configuration (defaults if None); match the trainer's.
+        detector: the detector's configuration (defaults if None). Independent of the Guard's (which
+            the store records in ``meta['detector']``): the supervisor is a second pair of eyes.
         verdict_grace: seconds a Guard gets to act on a verdict itself (roll back in process)
             before the supervisor acts. A command that writes no heartbeat has no Guard and gets
             none.
         rollback_margin, skip_before, skip_after: as in `thermo.guard.GuardConfig`: restart from a
             checkpoint at least `rollback_margin` steps before the onset; blacklist the batches
-            of steps ``[onset - skip_before, detection + skip_after]`` that were read.
+            of steps ``[onset - skip_before, detection + skip_after]`` that were read. None: the
+            run's Guard's (recorded in the store's ``meta['guard']``), else `GuardConfig`'s: a
+            verdict costs the same, repaired in process or from outside.
         restart_delay: seconds to wait before a restart (lets ports and GPU memory free up).
         status_every: seconds between status lines when stderr is not a terminal (a terminal gets
             one line refreshed in place); 0 = no status line.
@@ -49,17 +52,16 @@ class SupervisorConfig:
     detect: bool = True
     detector: DetectorConfig | None = None
     verdict_grace: float = 10.0
-    # The Guard's defaults: a verdict costs the same, repaired in process or from outside.
-    rollback_margin: int = GuardConfig.rollback_margin
-    skip_before: int = GuardConfig.skip_before
-    skip_after: int = GuardConfig.skip_after
+    rollback_margin: int | None = None
+    skip_before: int | None = None
+    skip_after: int | None = None
     restart_delay: float = 1.0
     status_every: float = 60.0
 
     def __post_init__(self):
         for name in ("max_restarts", "rollback_margin", "skip_before", "skip_after"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if (v is not None or name == "max_restarts") and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise ValueError(f"SupervisorConfig.{name} must be an int >= 0, got {v!r}")
         if not isinstance(self.max_stalled, int) or self.max_stalled < 1:
             raise ValueError(f"SupervisorConfig.max_stalled must be an int >= 1, got {self.max_stalled!r}")
@@ -71,6 +73,19 @@ class SupervisorConfig:
                 raise ValueError(f"SupervisorConfig.{name} must be >= 0 seconds, got {getattr(self, name)!r}")
         if self.detector is not None and not isinstance(self.detector, DetectorConfig):
             raise ValueError(f"SupervisorConfig.detector must be a DetectorConfig or None, got {self.detector!r}")
+
+    def guard_settings(self, recorded: dict | None) -> dict[str, int]:
+        """``rollback_margin``, ``skip_before`` and ``skip_after`` as the supervisor acts with them:
+        its own where set, else what the run's Guard recorded (`recorded`, the store's
+        ``meta['guard']``), else `GuardConfig`'s defaults."""
+        out = {}
+        for name in ("rollback_margin", "skip_before", "skip_after"):
+            v = getattr(self, name)
+            if v is None:
+                r = (recorded if isinstance(recorded, dict) else {}).get(name)
+                v = r if isinstance(r, int) and not isinstance(r, bool) and r >= 0 else getattr(GuardConfig, name)
+            out[name] = v
+        return out
 
 
 @dataclass

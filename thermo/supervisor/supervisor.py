@@ -404,18 +404,18 @@ class Supervisor:
         return None
 
     def _roll_back(self, launch: Launch, v: Verdict) -> str | None:
-        cfg = self.config
+        s = self.config.guard_settings(self._read(lambda: self.store.meta().get("guard"), None))
         ckpts = _checkpoints(self.run_dir)
         target = None
         if ckpts is not None:
-            target = rollback_target(ckpts, v, cfg.rollback_margin)
+            target = rollback_target(ckpts, v, s["rollback_margin"])
             if target is None:
                 return f"no good checkpoint from before the onset step {v.onset_step}; {launch.why}"
             bad = ckpts.mark_bad(v.onset_step, f"written at or after the onset step {v.onset_step} "
                                  f"(thermo supervise: {v.message})")
             bad += ckpts.mark_bad(target.step + 1, f"superseded: thermo supervise restarts from step {target.step}")
             self._restart_info.update(checkpoint=target.step, bad=sorted(bad))
-        first, last = skip_window(v, target.step if target else -1, cfg.skip_before, cfg.skip_after)
+        first, last = skip_window(v, target.step if target else -1, s["skip_before"], s["skip_after"])
         ids = {i for row in self.store.ledger(first, last).values() for i in row}
         if launch.current is not None and first <= launch.current <= last:
             ids.update(launch.ids)  # the step in progress: not in the ledger until its flush
