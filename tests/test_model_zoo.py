@@ -457,9 +457,6 @@ class FlexGPT(nn.Module):
 
 def flex_case():
     pytest.importorskip("torch.nn.attention.flex_attention")
-    # flex_attention compiles its op on each call; a previous flex call in this process would make
-    # the thermometer warn that torch.compile ran before it attached (see tests/test_thermometer.py).
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = FlexGPT()
     names = ["blocks.0", "blocks.1"]
@@ -490,7 +487,6 @@ def test_hugging_face_flex_attention():
     still says thermo cannot read flex_attention's logits, which this test shows it reads exactly;
     drop the expectation when that warning goes."""
     model, run, names, ref, _ = hf_case("llama", "flex_attention")
-    torch._dynamo.reset()  # see flex_case
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         check(model, run, names, ref, backward=False,

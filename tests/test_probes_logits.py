@@ -67,8 +67,9 @@ def run(model, steps=3, monkeypatch=None, **cfg):
     torch.manual_seed(0)
     xs = torch.randn(steps, B, T, E)
     armed = forbid_host_syncs(monkeypatch) if monkeypatch is not None else {"on": False}
-    # flex_attention compiles its op on each call; a previous test's flex call would otherwise make
-    # the thermometer warn that torch.compile ran before it attached (see tests/test_thermometer.py).
+    # flex_attention compiles its op at each call. With a cache left by other tests' flex calls (other
+    # shapes), dynamo recompiles here with dynamic shapes inside an armed step, and that tracing reads
+    # constants with .item(): compile time, not the step's. An empty cache compiles as a fresh process does.
     torch._dynamo.reset()
     therm = thermo.Thermometer(model, flush_every=steps, **cfg)
     records, want = [], []
