@@ -483,14 +483,11 @@ def test_flex_attention_score_mod_and_block_mask():
 
 def test_hugging_face_flex_attention():
     """HF Llama with ``attn_implementation="flex_attention"`` (its causal block mask, GQA), forwards
-    only, against its eager twin. The warning expected here is stale: Thermometer._choose_attention
-    still says thermo cannot read flex_attention's logits, which this test shows it reads exactly;
-    drop the expectation when that warning goes."""
+    only, against its eager twin, with no warning."""
     model, run, names, ref, _ = hf_case("llama", "flex_attention")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        check(model, run, names, ref, backward=False,
-              expected_warnings=["attn_implementation='flex_attention', whose logits thermo cannot read"])
+        check(model, run, names, ref, backward=False)
 
 
 def test_flex_attention_grad_norm():

@@ -257,12 +257,13 @@ def test_random_sigkills_lose_no_row_tear_no_checkpoint_and_resume_the_same_run(
                     break
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.3))  # somewhere in that step: a flush, a save, the update
+            proc = sup._proc  # this launch's: the supervisor may start the next one any moment
             try:
-                os.kill(sup._proc.pid, signal.SIGKILL)
+                os.kill(proc.pid, signal.SIGKILL)
                 killed.append(target)
             except ProcessLookupError:
                 pass
-            while sup._proc is not None and sup._proc.poll() is None:
+            while proc.poll() is None:
                 time.sleep(0.01)
 
     t = threading.Thread(target=killer, daemon=True)

@@ -163,8 +163,8 @@ class Thermometer:
     Args:
         model: the model (DDP- and torch.compile-wrapped models are unwrapped). Attach before
             the first compiled call. Its attention layers are found on its first forward
-            (the modules that call scaled_dot_product_attention, multi_head_attention_forward
-            or a softmax over a q @ kᵀ product) and join `layers` at the first `step`.
+            (the modules that call scaled_dot_product_attention, flex_attention,
+            multi_head_attention_forward or a softmax over a q @ kᵀ product) and join `layers` at the first `step`.
         run_dir: where ``thermo.db`` and ``config.json`` go (rank 0 writes). None keeps the
             records in memory only (`step` and `flush` still return them).
         config: a `ThermometerConfig`; keyword overrides of its fields are accepted too.
@@ -403,7 +403,7 @@ class Thermometer:
             if idle:
                 raise ValueError(
                     f"ThermometerConfig.attn_modules={cfg.attn_modules!r} names {idle}, which computed "
-                    "no attention in the first forward (no scaled_dot_product_attention, "
+                    "no attention in the first forward (no scaled_dot_product_attention, flex_attention, "
                     "multi_head_attention_forward or softmax over a q @ kᵀ product ran inside). "
                     f"Attention is computed in: {shown}. Name those, or leave attn_modules empty to "
                     "watch them."
@@ -412,18 +412,19 @@ class Thermometer:
             chosen = computing
         chosen = [n for n in chosen if not self._excluded(n)]
         impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
-        if isinstance(impl, str) and impl not in ("eager", "sdpa"):
+        if isinstance(impl, str) and impl not in ("eager", "sdpa", "flex_attention"):
             warnings.warn(
                 f"{type(self.model).__name__} computes attention with attn_implementation={impl!r}, "
                 "whose logits thermo cannot read; load or configure the model with "
-                "attn_implementation='sdpa' (or 'eager') to record them.",
+                "attn_implementation='sdpa' (or 'eager', 'flex_attention') to record them.",
                 stacklevel=4,
             )
         elif not chosen:
             warnings.warn(
                 f"thermo saw no attention computed in the first forward of {type(self.model).__name__}: "
-                "no module called scaled_dot_product_attention, multi_head_attention_forward or a "
-                "softmax over a q @ kᵀ product, so attention logits will not be recorded. A kernel "
+                "no module called scaled_dot_product_attention, flex_attention, "
+                "multi_head_attention_forward or a softmax over a q @ kᵀ product, so attention "
+                "logits will not be recorded. A kernel "
                 "thermo cannot see (flash-attn, xformers) hides them; set attention=False if the "
                 "model has no attention.",
                 stacklevel=4,
