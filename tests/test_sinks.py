@@ -60,10 +60,18 @@ def wandb_records(path: Path):
 def finished_records(path: Path, timeout: float = 60.0) -> list:
     """The records of a finished W&B run file: `run.finish()` can return before wandb-core has
     written the last rows (seen when an earlier test in the process left it busy with an
-    unreachable server), so wait for the file's exit record."""
+    unreachable server), so wait for the file's exit record. Until then the file may end in a
+    record being written, which does not parse yet."""
+    from google.protobuf.message import DecodeError
+
     end = time.monotonic() + timeout
     while True:
-        recs = list(wandb_records(path))
+        try:
+            recs = list(wandb_records(path))
+        except DecodeError:
+            if time.monotonic() > end:
+                raise
+            recs = []
         if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > end:
             return recs
         time.sleep(0.2)
