@@ -287,3 +287,20 @@ def test_a_second_writer_is_refused_with_one_line_and_a_dead_ones_lock_is_not_st
         s.write([rec(1)])
         same_process.event("note", "one process, one writer")
     assert len(thermo.load(tmp_path).events) == 2
+
+
+def test_an_incremental_read_that_fails_half_way_loses_no_row(tmp_path, monkeypatch):
+    from thermo.store import Cursor
+
+    with Store(tmp_path) as s:
+        s.write([rec(i, loss=1.0, h__0=2.0) for i in range(5)])
+    with Store(tmp_path, readonly=True) as r:
+        cursor = Cursor()
+        real = r._events
+        monkeypatch.setattr(r, "_events", lambda *a: (_ for _ in ()).throw(sqlite3.OperationalError("busy")))
+        with pytest.raises(sqlite3.OperationalError):
+            r.news(cursor)  # scalars and layers were read, then the events failed
+        assert cursor == Cursor()
+        monkeypatch.setattr(r, "_events", real)
+        news = r.news(cursor)
+        assert news.scalars[0]["step"].tolist() == [0, 1, 2, 3, 4] and len(news.layers[0]) == 5

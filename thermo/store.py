@@ -476,25 +476,28 @@ class Store:
         """What the run wrote past `cursor`, read in one snapshot (a flush is in all of it or in
         none), and `cursor` moved past it: per attempt the scalar and per-layer rows after the
         last step read, the events after the last id, and the attempts and meta as they are now.
-        What the dashboard and the report's reader poll."""
+        What the dashboard and the report's reader poll. A read that fails leaves `cursor` as it
+        was (the next one reads those rows again)."""
+        ahead = Cursor(dict(cursor.scalars), dict(cursor.layers), cursor.event)
         with self.snapshot():
             attempts = self.attempts()
             meta = self.meta()
             scalars, layers = [], []
             for a in attempts["attempt"].tolist():
                 s = self._tail("SELECT attempt, step, key, value FROM scalars WHERE attempt = ? AND step > ?",
-                               a, cursor.scalars)
+                               a, ahead.scalars)
                 if s is not None:
                     wide = s.pivot(index=["attempt", "step"], columns="key", values="value")
                     wide.columns.name = None
                     scalars.append(wide.reset_index())
                 lay = self._tail("SELECT attempt, step, layer, stat, value FROM layer_stats "
-                                 "WHERE attempt = ? AND step > ?", a, cursor.layers)
+                                 "WHERE attempt = ? AND step > ?", a, ahead.layers)
                 if lay is not None:
                     layers.append(lay)
-            events = self._events("WHERE id > ?", (cursor.event,))
+            events = self._events("WHERE id > ?", (ahead.event,))
         if len(events):
-            cursor.event = int(events["id"].max())
+            ahead.event = int(events["id"].max())
+        cursor.scalars, cursor.layers, cursor.event = ahead.scalars, ahead.layers, ahead.event
         return News(attempts=attempts, meta=meta, scalars=scalars, layers=layers, events=events)
 
     def _tail(self, sql: str, attempt: int, seen: dict[int, int]) -> pd.DataFrame | None:
