@@ -13,7 +13,6 @@ from typing import Any
 
 import pandas as pd
 
-from thermo.rundir import RunDir
 from thermo.store import Cursor, Run, Store, StoreError
 
 # A refresh never waits long on a busy file: better one stale frame than a stuck page.
@@ -59,12 +58,9 @@ class RunReader:
         return self._store is not None
 
     def _connect(self) -> bool:
-        if not RunDir(self.run_dir).db.is_file():
-            self.error = f"no metrics store at {RunDir(self.run_dir).db} yet"
-            return False
         try:
-            # A foreign or newer file gets its clear error. A store being created fails the
-            # checks for a moment too (tables not there yet), so keep trying.
+            # A missing, foreign or newer file gets the Store's clear error. A store being
+            # created fails the checks for a moment too (tables not there yet), so keep trying.
             self._store = Store(self.run_dir, readonly=True, timeout=_READ_TIMEOUT_S, shared=True)
         except StoreError as e:
             self.error = str(e)
@@ -147,8 +143,6 @@ def read_run(run_dir: str | os.PathLike) -> Run:
     reader = RunReader(run_dir)
     try:
         if not reader.poll() and reader.error is not None:
-            if not reader.connected and not RunDir(run_dir).db.is_file():
-                Store(run_dir, readonly=True)  # raises its "no metrics store at ..." error
             raise StoreError(reader.error)
         return reader.run()
     finally:
