@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from thermo._io import RunDirError, WriterLock, atomic_write_json
+from thermo._io import RunDirError, WriterLock, _lock_info, atomic_write_json
 from thermo.rundir import RunDir
 
 JOB_FILE = "job.json"  # in RunDir.supervise_dir, beside the followers' <host>-<pid>.json and .lock
@@ -170,24 +170,16 @@ def live_nodes(run_dir: Path) -> list[dict]:
     files are removed."""
     out = []
     for lock in sorted(RunDir(run_dir).supervise_dir.glob("*.lock")):
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except OSError:
+        held = _held(lock)
+        if held is None:
             continue  # gone meanwhile
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass  # held: alive
-            else:  # nobody holds it: that follower is gone
-                for p in (lock.with_suffix(".json"), lock):
-                    try:
-                        p.unlink()
-                    except OSError:
-                        pass
-                continue
-        finally:
-            os.close(fd)
+        if not held:  # nobody holds it: that follower is gone
+            for p in (lock.with_suffix(".json"), lock):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            continue
         try:
             node = json.loads(lock.with_suffix(".json").read_bytes()[: 1 << 16])
         except (OSError, ValueError, RecursionError):
@@ -295,28 +287,34 @@ def writer_info(run_dir: Path) -> dict:
     a follower hands the leader's token to its command, so that rank 0, on whatever node it runs,
     writes as part of the leader's one writer."""
     try:
-        with open(RunDir(run_dir).writer_lock, "rb") as f:
-            info = json.loads(f.read(1 << 12) or b"{}")
-    except (OSError, ValueError, RecursionError):
+        fd = os.open(RunDir(run_dir).writer_lock, os.O_RDONLY)
+    except OSError:
         return {}
-    return info if isinstance(info, dict) else {}
+    try:
+        return _lock_info(fd)
+    finally:
+        os.close(fd)
 
 
 def _leader_alive(run_dir: Path, token: str) -> bool:
     """The leader (or the trainer it started on its node, which inherited the lock) still holds
     the writer lock it took with `token`."""
-    if writer_info(run_dir).get("token") != token:
-        return False
+    return writer_info(run_dir).get("token") == token and bool(_held(RunDir(run_dir).writer_lock))
+
+
+def _held(path: Path) -> bool | None:
+    """Whether some process holds the ``flock`` on `path` (None: no such file). A free lock is
+    taken for an instant to tell, and goes with the descriptor."""
     try:
-        fd = os.open(RunDir(run_dir).writer_lock, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR)
     except OSError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)  # (a lock we got goes with it)
+        os.close(fd)
     return False
 
 
