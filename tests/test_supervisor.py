@@ -27,6 +27,7 @@ from thermo._io import RunDirError
 from thermo.cli import main as cli
 from thermo.corpus import TokenDataset, stdlib_bytes
 from thermo.data import Blacklist, ResumableSampler
+from thermo.rundir import RunDir
 from thermo.store import Store, StoreError
 from thermo.supervisor import Supervisor, SupervisorConfig, SupervisorError, _start_time
 from thermo.train_gpt import parse_args, train
@@ -176,12 +177,7 @@ def test_divergence_the_guard_misses_is_rolled_back_and_skipped_by_the_superviso
     clean = tmp_path / "clean"
     clean.mkdir()
     Blacklist(clean).add(bl["added"], reason="what the supervised run skipped")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the supervised processes ran
-    try:
-        train(parse_args([*TINY, "--steps", "90", "--run-dir", str(clean)]))
-    finally:
-        torch.set_num_threads(threads)
+    train_clean(clean, 90)
     with Store(run, readonly=True) as a, Store(clean, readonly=True) as b:
         assert a.ledger() == b.ledger()
         la, lb = a.scalars()["loss"].tail(10).mean(), b.scalars()["loss"].tail(10).mean()
@@ -279,21 +275,26 @@ def test_random_sigkills_lose_no_row_tear_no_checkpoint_and_resume_the_same_run(
     assert_contiguous(run, 80)
 
     clean = tmp_path / "clean"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the supervised processes ran
-    try:
-        train(parse_args([*TINY, "--steps", "80", "--run-dir", str(clean)]))
-    finally:
-        torch.set_num_threads(threads)
+    train_clean(clean, 80)
     with Store(run, readonly=True) as a, Store(clean, readonly=True) as b:
         assert a.ledger() == b.ledger()
         la, lb = a.scalars().set_index("step")["loss"], b.scalars().set_index("step")["loss"]
     assert ((la - lb).abs() <= 1e-5 * lb.abs()).all()
 
 
+def train_clean(run_dir: Path, steps: int) -> None:
+    """The reference run in this process, on one thread as the supervised processes ran."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(parse_args([*TINY, "--steps", str(steps), "--run-dir", str(run_dir)]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _read_beat(run: Path) -> int | None:
     try:
-        return int(json.loads((run / "heartbeat.json").read_text())["step"])
+        return int(json.loads(RunDir(run).heartbeat.read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

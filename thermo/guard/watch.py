@@ -20,8 +20,8 @@ from thermo import _dist
 from thermo.checkpoints import CheckpointConfig, CheckpointEntry, Checkpoints
 from thermo.data import BatchLedger, Blacklist
 from thermo.detector import Detector, DetectorConfig, Verdict
-from thermo.rundir import RunDir
 from thermo.guard.config import DivergenceError, GuardConfig
+from thermo.rundir import RunDir
 from thermo.thermometer import Thermometer, ThermometerConfig
 
 log = logging.getLogger("thermo")
@@ -82,6 +82,7 @@ class Watch:
         # give-up takes them out again, so that only samples found toxic stay blacklisted.
         self._unproven: set[int] = set()
         self._replay_detector: Detector | None = None  # set while a replay runs
+        self._beats = 0  # heartbeats written by this process (`heartbeat`'s seq)
 
     def _checkpoint_config(self, cfg: CheckpointConfig) -> CheckpointConfig:
         """Retention must keep a checkpoint from before the furthest onset the detector reports."""
@@ -253,7 +254,7 @@ class Watch:
         ``host`` are for people."""
         if not self.rank0:
             return
-        self._beats = getattr(self, "_beats", 0) + 1
+        self._beats += 1
         path = RunDir(self.run_dir).heartbeat
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "seq": self._beats,
